@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Idempotent set-up: system packages (apt), a Python 3.11 venv in .venv, torch pinned, the project.
+# Re-running skips what is already done (the venv stamp is the hash of pyproject.toml).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { echo "[setup] $*"; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1; then sudo -n "$@"
+  else echo "[setup] need root for: $* (run it yourself, then re-run)" >&2; return 1; fi
+}
+
+# System packages: Fashion-MNIST (the default demo data) and wrk (the benchmark's load generator).
+need_apt=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need_apt+=(dataset-fashion-mnist)
+command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "apt-get install ${need_apt[*]}"
+  as_root apt-get update -qq || true
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" \
+    || log "WARNING: could not install ${need_apt[*]}; Fashion-MNIST demos and wrk benchmarks will say so"
+fi
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
+  || { echo "[setup] Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+
+[ -x .venv/bin/python ] || { log "creating .venv"; "$PYTHON" -m venv .venv; }
+stamp=.venv/.imgserve-stamp
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  log "venv up to date"
+else
+  log "installing torch==2.14.1 torchvision==0.29.1 and the project (first time: several minutes)"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+  .venv/bin/pip install -q -e '.[test]'
+  echo "$want" > "$stamp"
+fi
