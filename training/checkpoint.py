@@ -22,8 +22,9 @@ class CheckpointError(ValueError):
 
 
 def versions() -> dict[str, str]:
-    return {"imgserve": training.__version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "python": platform.python_version()}
+    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses
+    return {"imgserve": training.__version__, "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "python": platform.python_version()}
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> Path:
