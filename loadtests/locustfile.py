@@ -1,0 +1,280 @@
+"""Locust load test for the imgserve service: real images, every response body checked.
+
+Run it (bounded, headless; `python -m loadtests.run` wraps this and writes CSV, HTML and a summary):
+
+    .venv/bin/locust -f loadtests/locustfile.py --headless --host http://127.0.0.1:3000 \
+        -u 16 -r 16 -t 30s --csv loadtests/results/manual/locust --html loadtests/results/manual/report.html
+
+What the simulated users send (weights in brackets):
+- [10] POST /classify with a small PNG (scikit-learn digits upscaled to 28 px, Fashion-MNIST test images);
+- [6]  POST /classify with a real JPEG photo (china.jpg, flower.jpg) at 300, 640, 1000 or 2000 px;
+- [2]  POST /classify_batch with 2-6 mixed images;
+- [1]  a deliberately bad request (text, empty or truncated file, missing field, pixel bomb, unknown
+       model, bad top_k) that must come back with the 4xx the API contract names and a JSON error;
+- [1]  GET /models.
+Each request picks one of the served models (or none: the default) and a top_k (or none: 5).
+
+Every body is checked (checks.py): labels present and matching their index, scores in [0, 1],
+highest first, summing to at most 1, top-k length right, the right model, and the known label for
+the image. Known labels are learned once at start: every payload is classified by every model with
+all its classes; where the top-1 margin is clear (>= KNOWN_MARGIN) the answer becomes that image's
+known label, and every later answer for it must agree, single or batched. A wrong body is a
+failure even with status 200; failures are named by kind ("wrong_label", "http_503", ...).
+
+Environment: LOADTEST_MAX_REQUESTS (stop after this many requests, default unbounded: use -t),
+LOADTEST_WAIT (seconds of think time, uniform 0..W, default 0), LOADTEST_MODELS (comma list to
+restrict the model choice), LOADTEST_PHOTO_SIDES (e.g. "300,640" to leave out big photos).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+import gevent.lock
+from locust import FastHttpUser, between, events, task
+
+from loadtests.checks import (BodyError, ModelInfo, check_batch_body, check_classify_body, check_error_body,
+                              parse_models)
+from loadtests.payloads import BadCase, Payload, load_payloads
+
+log = logging.getLogger(__name__)
+
+KNOWN_MARGIN = 0.05          # top-1 minus top-2 probability needed to call a label "known"
+DEFAULT_TOP_K = 5            # the API's default when top_k is absent
+BOUNDARY = "imgservLoadBoundary9f3c2a"
+MAX_REQUESTS = int(os.environ.get("LOADTEST_MAX_REQUESTS", "0") or 0)
+WAIT_S = float(os.environ.get("LOADTEST_WAIT", "0") or 0)
+
+
+def multipart(fields: dict[str, str], files: list[tuple[str, tuple[str, bytes, str]]]) -> tuple[bytes, str]:
+    """Build a multipart/form-data body by hand (FastHttpUser has no `files=`); returns (body, content type)."""
+    parts = [f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode()
+             for k, v in fields.items()]
+    for name, (filename, data, ctype) in files:
+        parts.append(f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n"
+                     f"Content-Type: {ctype}\r\n\r\n".encode() + data + b"\r\n")
+    parts.append(f"--{BOUNDARY}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={BOUNDARY}"
+
+
+@dataclass
+class ServiceView:
+    """What the users share: served models, the default one, and known labels per (model, payload)."""
+
+    models: dict[str, ModelInfo]
+    default: str | None
+    known: dict[tuple[str, str], str] = field(default_factory=dict)
+    truth_agree: int = 0
+    truth_total: int = 0
+
+
+_view: ServiceView | None = None
+_view_lock = gevent.lock.Semaphore()
+_first_seen: set[str] = set()
+
+
+def _http_json(url: str, body: bytes | None = None, ctype: str | None = None, timeout: float = 60.0) -> object:
+    """One request outside locust's statistics (start-up only)."""
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype} if ctype else {})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def learn_service(host: str) -> ServiceView:
+    """GET /models, then classify every payload with every model once to learn the known labels."""
+    models, default = parse_models(_http_json(host.rstrip("/") + "/models"))
+    only = [m for m in os.environ.get("LOADTEST_MODELS", "").split(",") if m]
+    if only:
+        missing = sorted(set(only) - set(models))
+        if missing:
+            raise SystemExit(f"LOADTEST_MODELS names {missing}, not served; served: {sorted(models)}")
+        models = {k: v for k, v in models.items() if k in only}
+    if default is None and len(models) == 1:
+        default = next(iter(models))
+    view = ServiceView(models, default)
+    for m in models.values():
+        for p in load_payloads().all_good:
+            body, ctype = multipart({"model": m.name, "top_k": str(m.num_classes)},
+                                    [("image", (p.filename, p.data, p.content_type))])
+            ans = _http_json(host.rstrip("/") + "/classify", body, ctype)
+            preds = ans["predictions"]
+            margin = preds[0]["score"] - (preds[1]["score"] if len(preds) > 1 else 0.0)
+            if margin >= KNOWN_MARGIN:
+                view.known[(m.name, p.name)] = preds[0]["label"]
+            if p.true_label is not None and p.true_label in m.class_names:
+                view.truth_total += 1
+                view.truth_agree += preds[0]["label"] == p.true_label
+    log.info("service: models %s (default %s); %d known (model, image) labels; "
+             "ground truth agrees on %d/%d labelled images", sorted(models), default, len(view.known),
+             view.truth_agree, view.truth_total)
+    return view
+
+
+def service_view(host: str) -> ServiceView:
+    global _view
+    with _view_lock:
+        if _view is None:
+            _view = learn_service(host)
+        return _view
+
+
+@events.request.add_listener
+def _bound_requests(request_type, name, response_time, response_length, exception=None, context=None, **kw):
+    """Stop the whole run after LOADTEST_MAX_REQUESTS requests (bounded in count, not only in time)."""
+    if not MAX_REQUESTS:
+        return
+    env = getattr(_bound_requests, "env", None)
+    if env is not None and env.runner is not None and env.stats.total.num_requests >= MAX_REQUESTS:
+        env.runner.quit()
+
+
+@events.init.add_listener
+def _on_init(environment, **kw):
+    _bound_requests.env = environment   # type: ignore[attr-defined]
+    load_payloads()                     # build every payload once, before any user starts
+
+
+class ImgServeUser(FastHttpUser):
+    """A client that mixes small PNGs, big photos, batches and bad inputs, and checks every answer."""
+
+    wait_time = between(0.0, WAIT_S)
+    network_timeout = 30.0
+    connection_timeout = 30.0
+
+    def on_start(self) -> None:
+        self.view = service_view(self.host)
+        self.payloads = load_payloads()
+        sides = os.environ.get("LOADTEST_PHOTO_SIDES")
+        self.photos = [p for p in self.payloads.photos
+                       if not sides or any(p.name.endswith(f"_{s}") for s in sides.split(","))] or list(self.payloads.photos)
+
+    # --- request choice ---
+    def _pick_model(self) -> str | None:
+        """A served model by name, or None one time in five (the service's default)."""
+        if self.view.default is not None and random.random() < 0.2:
+            return None
+        return random.choice(list(self.view.models))
+
+    def _pick_top_k(self, model: ModelInfo) -> int | None:
+        return None if random.random() < 0.3 else random.randint(1, min(10, model.num_classes))
+
+    def _form(self, model: str | None, top_k: int | None) -> dict[str, str]:
+        form = {}
+        if model is not None:
+            form["model"] = model
+        if top_k is not None:
+            form["top_k"] = str(top_k)
+        return form
+
+    def _fail(self, resp, kind: str, detail: str) -> None:
+        """Mark a failure by kind; the first of each kind is logged with its detail."""
+        if kind not in _first_seen:
+            _first_seen.add(kind)
+            log.warning("first %s failure: %s", kind, detail)
+        resp.failure(kind)
+
+    def _json_or_fail(self, resp):
+        if not resp.status_code:   # no HTTP answer at all (refused, reset, timed out)
+            self._fail(resp, f"connection_{type(resp.error).__name__}", str(resp.error))
+            return None
+        try:
+            return json.loads(resp.content or b"null")
+        except ValueError:
+            self._fail(resp, "bad_json" if 200 <= resp.status_code < 300 else f"http_{resp.status_code}",
+                       f"HTTP {resp.status_code}, body not JSON: {resp.content[:80]!r}")
+            return None
+
+    def _classify(self, payload: Payload, group: str) -> None:
+        model = self._pick_model()
+        answering = model or self.view.default
+        info = self.view.models[answering] if answering else next(iter(self.view.models.values()))
+        top_k = self._pick_top_k(info)
+        body, ctype = multipart(self._form(model, top_k), [("image", (payload.filename, payload.data, payload.content_type))])
+        with self.client.post("/classify", data=body, headers={"Content-Type": ctype}, name=f"/classify {group}",
+                              catch_response=True) as resp:
+            data = self._json_or_fail(resp)
+            if data is None:
+                return
+            if resp.status_code != 200:
+                return self._fail(resp, f"http_{resp.status_code}", str(data)[:200])
+            try:
+                known = self.view.known.get((answering, payload.name)) if answering else None
+                check_classify_body(data, models=self.view.models, requested=model, default=self.view.default,
+                                    top_k=top_k or DEFAULT_TOP_K, known_label=known)
+            except BodyError as e:
+                return self._fail(resp, e.kind, f"{payload.name}: {e}")
+            resp.success()
+
+    @task(10)
+    def classify_small(self) -> None:
+        p = random.choice(self.payloads.small)
+        self._classify(p, p.kind)
+
+    @task(6)
+    def classify_photo(self) -> None:
+        p = random.choice(self.photos)
+        self._classify(p, f"photo_jpeg_{p.name.rsplit('_', 1)[1]}px")
+
+    @task(2)
+    def classify_batch(self) -> None:
+        n = random.randint(2, 6)
+        items = random.sample(self.payloads.small, n - 1) + [random.choice(self.photos)]
+        random.shuffle(items)
+        model = self._pick_model()
+        answering = model or self.view.default
+        top_k = self._pick_top_k(self.view.models[answering]) if answering else None
+        files = [("images", (p.filename, p.data, p.content_type)) for p in items]
+        body, ctype = multipart(self._form(model, top_k), files)
+        with self.client.post("/classify_batch", data=body, headers={"Content-Type": ctype},
+                              name="/classify_batch 2-6 images", catch_response=True) as resp:
+            data = self._json_or_fail(resp)
+            if data is None:
+                return
+            if resp.status_code != 200:
+                return self._fail(resp, f"http_{resp.status_code}", str(data)[:200])
+            try:
+                known = [self.view.known.get((answering, p.name)) if answering else None for p in items]
+                check_batch_body(data, models=self.view.models, requested=model, default=self.view.default,
+                                 top_k=top_k or DEFAULT_TOP_K, known_labels=known)
+            except BodyError as e:
+                return self._fail(resp, e.kind, str(e))
+            resp.success()
+
+    @task(1)
+    def bad_input(self) -> None:
+        case: BadCase = random.choice(self.payloads.bad)
+        body, ctype = multipart(dict(case.form), list(case.files))
+        with self.client.post("/classify", data=body, headers={"Content-Type": ctype}, name=f"/classify bad {case.name}",
+                              catch_response=True) as resp:
+            if resp.status_code == 0:
+                return self._fail(resp, f"connection_{type(resp.error).__name__}", str(resp.error))
+            try:
+                data = json.loads(resp.content or b"null")
+            except ValueError:
+                data = None
+            try:
+                check_error_body(resp.status_code, data, case.expected)
+            except BodyError as e:
+                return self._fail(resp, e.kind, f"{case.name}: {e}")
+            resp.success()
+
+    @task(1)
+    def list_models(self) -> None:
+        with self.client.get("/models", name="/models", catch_response=True) as resp:
+            data = self._json_or_fail(resp)
+            if data is None:
+                return
+            if resp.status_code != 200:
+                return self._fail(resp, f"http_{resp.status_code}", str(data)[:200])
+            try:
+                models, _ = parse_models(data)
+            except BodyError as e:
+                return self._fail(resp, e.kind, str(e))
+            if not set(self.view.models) <= set(models):
+                return self._fail(resp, "models_changed", f"{sorted(models)} lacks some of {sorted(self.view.models)}")
+            resp.success()

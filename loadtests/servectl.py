@@ -1,0 +1,189 @@
+"""Start a server on a free loopback port, wait until it is ready, read its CPU counters, stop it by PID.
+
+Used by `loadtests.run --start-service` and `loadtests.bench`. The server runs in its own session
+(setsid), so every process it forks can be found (same session id) for CPU accounting and stopped
+by PID afterwards; nothing is ever killed by name.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The service reads its bundles from this variable (issue 5: configuration by environment).
+BUNDLES_ENV = "IMGSERVE_BUNDLES"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every live process whose session id is `sid` (the server and all its workers)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            f = _stat_fields(int(entry))
+            if f is not None and int(f[3]) == sid:   # fields after comm: state ppid pgrp session ...
+                out.append(int(entry))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime (+ reaped children's) of these processes, in CPU seconds."""
+    total = 0
+    for pid in pids:
+        f = _stat_fields(pid)
+        if f is not None:   # fields 14-17 of /proc/PID/stat, i.e. index 11-14 after comm
+            total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return total / CLK_TCK
+
+
+def rss_mib(pids: list[int]) -> float:
+    """Resident memory of these processes, MiB."""
+    pages = 0
+    for pid in pids:
+        f = _stat_fields(pid)
+        if f is not None:
+            pages += int(f[21])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def http_status(url: str, timeout: float = 5.0) -> int:
+    """Status code of a GET (0 when nothing answered)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (OSError, ValueError):
+        return 0
+
+
+@dataclass
+class Server:
+    """A server process started in its own session; stop() ends it and whatever it forked, by PID."""
+
+    cmd: list[str]
+    url: str
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path = REPO
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.log_path, "ab")
+        log.info("starting: %s (log %s)", " ".join(self.cmd), self.log_path)
+        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env={**os.environ, **self.env}, stdout=fh,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        fh.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "start() first"
+        return self.proc.pid
+
+    def pids(self) -> list[int]:
+        return session_pids(self.pid)
+
+    def wait_ready(self, path: str = "/readyz", timeout_s: float = 300.0) -> float:
+        """Poll until `path` answers 200; returns the seconds it took. Raises RuntimeError on exit/timeout."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with status {self.proc.returncode} during start-up; "
+                                   f"see {self.log_path}:\n{tail(self.log_path)}")
+            if http_status(self.url.rstrip("/") + path, timeout=5) == 200:
+                return time.monotonic() - t0
+            time.sleep(0.5)
+        raise RuntimeError(f"server not ready after {timeout_s:.0f} s at {self.url}{path}; see {self.log_path}")
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM the server, then its leftover session members by PID; SIGKILL what outlives the grace."""
+        if self.proc is None or self.proc.poll() is not None and not self.pids():
+            return
+        members = set(self.pids())
+        try:
+            self.proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 10
+        left = [p for p in members | set(self.pids()) if _alive(p)]
+        for p in left:
+            _signal(p, signal.SIGTERM)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = [p for p in left if _alive(p)]
+        for p in left:
+            log.warning("SIGKILL leftover pid %d", p)
+            _signal(p, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        log.info("server stopped (pid %d)", self.pid)
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _alive(pid: int) -> bool:
+    f = _stat_fields(pid)
+    return f is not None and f[0] != "Z"
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def service_server(bundles: list[str], port: int, log_path: Path, extra_env: dict[str, str] | None = None) -> Server:
+    """Our BentoML service serving these bundle directories on 127.0.0.1:port (not started yet)."""
+    for b in bundles:
+        if not (Path(b) / "manifest.json").is_file():
+            raise SystemExit(f"{b} is not a bundle (no manifest.json); make one with: python -m export CHECKPOINT --out DIR")
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    cmd = [bentoml, "serve", "service.service:ImgServe", "--host", "127.0.0.1", "--port", str(port)]
+    env = {BUNDLES_ENV: os.pathsep.join(str(Path(b).resolve()) for b in bundles), **(extra_env or {})}
+    return Server(cmd, f"http://127.0.0.1:{port}", log_path, env)
