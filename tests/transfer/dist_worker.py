@@ -1,0 +1,42 @@
+"""Run under torchrun by test_distributed_unit.py: checks the helpers of training/distributed.py
+with real gloo collectives and prints one JSON line per rank."""
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn as nn
+
+from training.distributed import (broadcast_object, cleanup, init_distributed, make_sampler, reduce_sums,
+                                  set_epoch, unwrap, wrap_model)
+
+
+def main() -> None:
+    ctx = init_distributed("cpu")
+    try:
+        data = list(range(11))
+        train_sampler = make_sampler(data, ctx, shuffle=True, seed=3)
+        set_epoch(train_sampler, 0)
+        epoch0 = list(train_sampler)
+        set_epoch(train_sampler, 1)
+        epoch1 = list(train_sampler)
+        eval_shard = list(make_sampler(data, ctx, shuffle=False, seed=3))
+        sums = reduce_sums([len(eval_shard), sum(eval_shard), 0.5], ctx)
+        run_dir = broadcast_object(f"run-from-rank-{ctx.rank}", ctx)
+        # DDP: different data per rank, identical weights after a step (gradients are averaged)
+        torch.manual_seed(ctx.rank)  # different init per rank: DDP must broadcast rank 0's
+        model = wrap_model(nn.Linear(4, 2), ctx)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(torch.randn(8, 4) + ctx.rank).sum().backward()
+        opt.step()
+        weights = unwrap(model).weight.detach().flatten().tolist()
+        print(json.dumps({"rank": ctx.rank, "world": ctx.world_size, "backend": ctx.backend,
+                          "is_main": ctx.is_main, "epoch0": epoch0, "epoch1": epoch1, "eval": eval_shard,
+                          "sums": sums, "run_dir": run_dir, "weights": weights,
+                          "wrapped": type(model).__name__}), flush=True)
+    finally:
+        cleanup(ctx)
+
+
+if __name__ == "__main__":
+    main()
