@@ -40,26 +40,14 @@ from locust import FastHttpUser, between, events, task
 
 from loadtests.checks import (BodyError, ModelInfo, check_batch_body, check_classify_body, check_error_body,
                               parse_models)
-from loadtests.payloads import BadCase, Payload, load_payloads
+from loadtests.payloads import BadCase, Payload, load_payloads, multipart
 
 log = logging.getLogger(__name__)
 
 KNOWN_MARGIN = 0.05          # top-1 minus top-2 probability needed to call a label "known"
 DEFAULT_TOP_K = 5            # the API's default when top_k is absent
-BOUNDARY = "imgservLoadBoundary9f3c2a"
 MAX_REQUESTS = int(os.environ.get("LOADTEST_MAX_REQUESTS", "0") or 0)
 WAIT_S = float(os.environ.get("LOADTEST_WAIT", "0") or 0)
-
-
-def multipart(fields: dict[str, str], files: list[tuple[str, tuple[str, bytes, str]]]) -> tuple[bytes, str]:
-    """Build a multipart/form-data body by hand (FastHttpUser has no `files=`); returns (body, content type)."""
-    parts = [f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode()
-             for k, v in fields.items()]
-    for name, (filename, data, ctype) in files:
-        parts.append(f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n"
-                     f"Content-Type: {ctype}\r\n\r\n".encode() + data + b"\r\n")
-    parts.append(f"--{BOUNDARY}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={BOUNDARY}"
 
 
 @dataclass

@@ -25,6 +25,7 @@ FASHION_DIR = os.environ.get("IMGSERVE_FASHION_DIR", "/usr/share/datasets/fashio
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 PHOTO_SIDES = (300, 640, 1000, 2000)
+BOUNDARY = "imgservLoadBoundary9f3c2a"
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,17 @@ def bad_cases(good: Payload) -> list[BadCase]:
         BadCase("top_k_zero", frozenset({400, 422}), (img,), {"top_k": "0"}),
         BadCase("top_k_not_int", frozenset({400, 422}), (img,), {"top_k": "five"}),
     ]
+
+
+def multipart(fields: dict[str, str], files: list[tuple[str, tuple[str, bytes, str]]]) -> tuple[bytes, str]:
+    """Build a multipart/form-data body by hand (locust's FastHttpUser and wrk need raw bytes); returns (body, content type)."""
+    parts = [f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode()
+             for k, v in fields.items()]
+    for name, (filename, data, ctype) in files:
+        parts.append(f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n"
+                     f"Content-Type: {ctype}\r\n\r\n".encode() + data + b"\r\n")
+    parts.append(f"--{BOUNDARY}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={BOUNDARY}"
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Start a server on a free loopback port, wait until it is ready, read its CPU counters, stop it by PID.
 
 Used by `loadtests.run --start-service` and `loadtests.bench`. The server runs in its own session
-(setsid), so every process it forks can be found (same session id) for CPU accounting and stopped
-by PID afterwards; nothing is ever killed by name.
+(setsid); every process it forks (descendants, same session or group) is found for CPU accounting
+and stopped by PID afterwards; nothing is ever killed by name.
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-# The service reads its bundles from this variable (issue 5: configuration by environment).
-BUNDLES_ENV = "IMGSERVE_BUNDLES"
+# The service reads its bundles from this variable, a comma list whose first entry is the default
+# model (service/config.py).
+BUNDLES_ENV = "IMGSERVE_MODELS"
 
 
 def free_port() -> int:
@@ -42,15 +43,27 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2:].split()
 
 
-def session_pids(sid: int) -> list[int]:
-    """Every live process whose session id is `sid` (the server and all its workers)."""
-    out = []
+def tree_pids(root: int) -> list[int]:
+    """`root`, its descendants, and whatever is in its session or process group.
+
+    Descendants matter: BentoML's worker calls setsid itself, so session membership alone misses it.
+    """
+    procs: dict[int, tuple[int, int, int]] = {}   # pid -> (ppid, pgrp, session)
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             f = _stat_fields(int(entry))
-            if f is not None and int(f[3]) == sid:   # fields after comm: state ppid pgrp session ...
-                out.append(int(entry))
-    return out
+            if f is not None:   # fields after comm: state ppid pgrp session ...
+                procs[int(entry)] = (int(f[1]), int(f[2]), int(f[3]))
+    keep = {root} if root in procs else set()
+    keep |= {p for p, (_, pg, sid) in procs.items() if sid == root or pg == root}
+    changed = True
+    while changed:
+        changed = False
+        for p, (pp, _, _) in procs.items():
+            if p not in keep and pp in keep:
+                keep.add(p)
+                changed = True
+    return sorted(keep)
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -110,7 +123,7 @@ class Server:
         return self.proc.pid
 
     def pids(self) -> list[int]:
-        return session_pids(self.pid)
+        return tree_pids(self.pid)
 
     def wait_ready(self, path: str = "/readyz", timeout_s: float = 300.0) -> float:
         """Poll until `path` answers 200; returns the seconds it took. Raises RuntimeError on exit/timeout."""
@@ -185,5 +198,5 @@ def service_server(bundles: list[str], port: int, log_path: Path, extra_env: dic
             raise SystemExit(f"{b} is not a bundle (no manifest.json); make one with: python -m export CHECKPOINT --out DIR")
     bentoml = str(Path(sys.executable).with_name("bentoml"))
     cmd = [bentoml, "serve", "service.service:ImgServe", "--host", "127.0.0.1", "--port", str(port)]
-    env = {BUNDLES_ENV: os.pathsep.join(str(Path(b).resolve()) for b in bundles), **(extra_env or {})}
+    env = {BUNDLES_ENV: ",".join(str(Path(b).resolve()) for b in bundles), **(extra_env or {})}
     return Server(cmd, f"http://127.0.0.1:{port}", log_path, env)
