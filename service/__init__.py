@@ -1,0 +1,1 @@
+"""imgserve service: serve bundles over HTTP with BentoML (see service/service.py)."""

@@ -1,0 +1,206 @@
+"""Batchers, a registry: gather decoded requests into one inference call per batch.
+
+Every batcher takes already-validated uint8 arrays (a bad upload never reaches it), runs one
+``backend.run`` at a time on the shared inference thread, and sheds load with ``Overloaded``
+(-> 503 + Retry-After) when the estimated wait exceeds ``max_latency_ms``.
+
+- ``eager`` (default): continuous batching. When the model is idle a request runs at once (no
+  waiting for company); while a batch runs, arrivals queue and the next call takes all of them
+  (up to ``max_batch_size``). Batches grow exactly as fast as load does. Admission control
+  estimates the wait from the queue length and a moving average of the per-image cost.
+- ``bentoml``: BentoML's own adaptive batcher (``CorkDispatcher``, what
+  ``@bentoml.api(batchable=True)`` uses), fed the same validated arrays. It holds a lone request
+  for its learnt wait and cancels queued requests (503) when its latency estimate exceeds
+  ``max_latency_ms``; the README has the figures that made ``eager`` the default.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from service import metrics
+
+logger = logging.getLogger(__name__)
+
+RunFn = Callable[[np.ndarray], np.ndarray]
+
+
+class Overloaded(Exception):
+    """Shed load: the caller answers 503 with ``Retry-After: retry_after``."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+_BATCHERS: dict[str, type] = {}
+
+
+def register_batcher(name: str):
+    def wrap(cls):
+        if name in _BATCHERS:
+            raise KeyError(f"batcher {name!r} is already registered")
+        _BATCHERS[name] = cls
+        return cls
+    return wrap
+
+
+def list_batchers() -> list[str]:
+    return sorted(_BATCHERS)
+
+
+def create_batcher(name: str, **kw) -> "EagerBatcher":
+    try:
+        return _BATCHERS[name](**kw)
+    except KeyError:
+        raise ValueError(f"unknown batcher {name!r}; valid: {', '.join(list_batchers())}") from None
+
+
+@dataclass
+class _Job:
+    pixels: np.ndarray  # (n, H, W, C) uint8
+    future: asyncio.Future
+    enqueued: float
+
+
+def _retry_after(wait_s: float) -> int:
+    return max(1, int(wait_s + 0.999))
+
+
+class _Base:
+    def __init__(self, *, model: str, run: RunFn, executor: Executor, max_batch_size: int,
+                 max_latency_ms: int, max_queue: int) -> None:
+        self.model = model
+        self.run = run
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_latency_s = max_latency_ms / 1000.0
+        self.max_queue = max_queue
+        self.per_image_s = 0.0  # EWMA of inference seconds per image, from real batches
+        self.queued_images = 0
+
+    def estimated_wait(self, extra: int = 1) -> float:
+        return (self.queued_images + extra) * self.per_image_s
+
+    def admit(self, n: int = 1) -> None:
+        """Refuse before decoding when the queue cannot serve ``n`` more images in time."""
+        wait = self.estimated_wait(n)
+        if self.queued_images + n > self.max_queue or wait > self.max_latency_s:
+            metrics.ERRORS.labels(kind="overloaded").inc()
+            raise Overloaded(f"overloaded: about {wait:.1f} s of work is queued for model {self.model!r}; retry later",
+                             _retry_after(max(wait - self.max_latency_s, 0.5)))
+
+    def _observe(self, n: int, seconds: float) -> None:
+        per = seconds / max(n, 1)
+        self.per_image_s = per if self.per_image_s == 0 else 0.8 * self.per_image_s + 0.2 * per
+        metrics.BATCH_SIZE.labels(model=self.model).observe(n)
+        metrics.INFERENCE.labels(model=self.model).observe(seconds)
+
+    def _timed_run(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        out = self.run(batch)
+        return out, time.perf_counter() - t0
+
+
+@register_batcher("eager")
+class EagerBatcher(_Base):
+    """Continuous batching on the event loop: no timers, no waiting when idle."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._busy = False
+
+    async def infer(self, pixels: np.ndarray) -> np.ndarray:
+        """(n, H, W, C) uint8 -> (n, num_classes) logits, batched with whatever else is waiting."""
+        loop = asyncio.get_running_loop()
+        job = _Job(pixels, loop.create_future(), time.perf_counter())
+        self._queue.append(job)
+        self.queued_images += len(pixels)
+        if not self._busy:
+            self._dispatch(loop)
+        return await job.future
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        jobs: list[_Job] = []
+        n = 0
+        while self._queue and (not jobs or n + len(self._queue[0].pixels) <= self.max_batch_size):
+            job = self._queue.popleft()
+            if job.future.cancelled():  # client went away while queued: skip its work
+                self.queued_images -= len(job.pixels)
+                continue
+            jobs.append(job)
+            n += len(job.pixels)
+        if not jobs:
+            return
+        now = time.perf_counter()
+        for job in jobs:
+            metrics.QUEUE.labels(model=self.model).observe(now - job.enqueued)
+        batch = jobs[0].pixels if len(jobs) == 1 else np.concatenate([j.pixels for j in jobs])
+        self._busy = True
+        cf = loop.run_in_executor(self.executor, self._timed_run, batch)
+        cf.add_done_callback(lambda f: self._done(loop, jobs, n, f))
+
+    def _done(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job], n: int, f: asyncio.Future) -> None:
+        self._busy = False
+        self.queued_images -= n
+        try:
+            out, seconds = f.result()
+        except Exception as e:  # a model failure fails this batch only; log it once
+            logger.exception("inference failed for a batch of %d on model %s", n, self.model)
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(e)
+        else:
+            self._observe(n, seconds)
+            i = 0
+            for job in jobs:
+                k = len(job.pixels)
+                if not job.future.done():
+                    job.future.set_result(out[i:i + k])
+                i += k
+        if self._queue:
+            self._dispatch(loop)
+
+
+@register_batcher("bentoml")
+class CorkBatcher(_Base):
+    """BentoML's adaptive batcher (CorkDispatcher) with the same run function and admission."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+        def fallback():
+            metrics.ERRORS.labels(kind="overloaded").inc()
+            raise Overloaded("overloaded: BentoML's batcher dropped the request (max latency)", 1)
+
+        self._dispatcher = CorkDispatcher(
+            max_latency_in_ms=int(self.max_latency_s * 1000), max_batch_size=self.max_batch_size,
+            fallback=fallback, get_batch_size=lambda x: x.shape[0], batch_dim=(0, 0))
+        self._call = self._dispatcher(self._infer_batches)
+
+    async def _infer_batches(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        sizes = [len(b) for b in batches]
+        batch = batches[0] if len(batches) == 1 else np.concatenate(batches)
+        out, seconds = await loop.run_in_executor(self.executor, self._timed_run, batch)
+        self._observe(len(batch), seconds)
+        return list(np.split(out, np.cumsum(sizes)[:-1]))
+
+    async def infer(self, pixels: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        self.queued_images += len(pixels)
+        try:
+            out = await self._call(pixels)
+        finally:
+            self.queued_images -= len(pixels)
+        metrics.QUEUE.labels(model=self.model).observe(max(time.perf_counter() - t0 - self.per_image_s * len(pixels), 0.0))
+        return out

@@ -1,0 +1,118 @@
+"""Service configuration from environment variables (documented in the README's Serving section).
+
+| variable | default | meaning |
+| --- | --- | --- |
+| IMGSERVE_MODELS | bundles/default | comma list: `DIR`, `NAME=DIR`, `store:TAG` or `NAME=store:TAG` (BentoML model store); the first is the default model |
+| IMGSERVE_BACKEND | onnx | onnx or torchscript (torchscript imports torch) |
+| IMGSERVE_PRECISION | fp32 | fp32 or int8 (the bundle's model.int8.onnx) |
+| IMGSERVE_DEVICE | auto | auto (GPU when present), cpu or cuda |
+| IMGSERVE_THREADS | cores | intra-op threads of the inference pool |
+| IMGSERVE_BATCHER | eager | eager (no wait; batches form while the model is busy) or bentoml (BentoML's CorkDispatcher) |
+| IMGSERVE_MAX_BATCH_SIZE | 32 | images per inference call |
+| IMGSERVE_MAX_LATENCY_MS | 5000 | admission bound: a request whose estimated queue wait exceeds it gets 503 + Retry-After |
+| IMGSERVE_MAX_QUEUE | 512 | images waiting for inference at most (then 503) |
+| IMGSERVE_MAX_BODY_BYTES | 20000000 | request body limit (413) |
+| IMGSERVE_MAX_PIXELS | 40000000 | pixels per image limit (413; decompression bombs) |
+| IMGSERVE_MAX_IMAGES | 64 | files per /classify_batch request (413) |
+| IMGSERVE_TIMEOUT_S | 60 | BentoML request timeout |
+| IMGSERVE_API_KEY | (unset) | when set, /classify* need `Authorization: Bearer KEY` (401 otherwise) |
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from service.backends import cpu_count
+
+DEFAULT_MODELS = "bundles/default"
+
+
+class ConfigError(ValueError):
+    """A bad IMGSERVE_* variable; the message names the variable and the valid values."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str | None  # None: take the manifest's name
+    location: str  # a directory, or a BentoML model-store tag
+    store: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    models: tuple[ModelSource, ...]
+    backend: str = "onnx"
+    precision: str = "fp32"
+    device: str = "auto"
+    threads: int = field(default_factory=cpu_count)
+    batcher: str = "eager"
+    max_batch_size: int = 32
+    max_latency_ms: int = 5000
+    max_queue: int = 512
+    max_body_bytes: int = 20_000_000
+    max_pixels: int = 40_000_000
+    max_images: int = 64
+    timeout_s: int = 60
+    api_key: str | None = None
+
+    def __repr__(self) -> str:  # never print the key
+        return f"Settings(models={self.models}, backend={self.backend}, precision={self.precision}, api_key={'set' if self.api_key else 'unset'})"
+
+
+def parse_models(spec: str) -> tuple[ModelSource, ...]:
+    """``"bundles/default,r18=bundles/r18,store:imgserve-default:latest"`` -> sources."""
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        name, _, loc = item.rpartition("=") if "=" in item else (None, "", item)
+        store = loc.startswith("store:")
+        out.append(ModelSource(name or None, loc[len("store:"):] if store else loc, store))
+    if not out:
+        raise ConfigError("IMGSERVE_MODELS is empty; give a bundle directory, e.g. IMGSERVE_MODELS=bundles/default")
+    return tuple(out)
+
+
+def _int(env: Mapping[str, str], key: str, default: int, lo: int = 1) -> int:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not an integer") from None
+    if v < lo:
+        raise ConfigError(f"{key}={v} must be >= {lo}")
+    return v
+
+
+def _choice(env: Mapping[str, str], key: str, default: str, valid: tuple[str, ...]) -> str:
+    v = env.get(key) or default
+    if v not in valid:
+        raise ConfigError(f"{key}={v!r} is not valid; choose one of: {', '.join(valid)}")
+    return v
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read every IMGSERVE_* variable (``os.environ`` by default)."""
+    from service.backends import list_backends
+    from service.batching import list_batchers
+
+    env = os.environ if env is None else env
+    return Settings(
+        models=parse_models(env.get("IMGSERVE_MODELS") or DEFAULT_MODELS),
+        backend=_choice(env, "IMGSERVE_BACKEND", "onnx", tuple(list_backends())),
+        precision=_choice(env, "IMGSERVE_PRECISION", "fp32", ("fp32", "int8", "fp16")),
+        device=_choice(env, "IMGSERVE_DEVICE", "auto", ("auto", "cpu", "cuda")),
+        threads=_int(env, "IMGSERVE_THREADS", cpu_count()),
+        batcher=_choice(env, "IMGSERVE_BATCHER", "eager", tuple(list_batchers())),
+        max_batch_size=_int(env, "IMGSERVE_MAX_BATCH_SIZE", 32, lo=2),
+        max_latency_ms=_int(env, "IMGSERVE_MAX_LATENCY_MS", 5000),
+        max_queue=_int(env, "IMGSERVE_MAX_QUEUE", 512),
+        max_body_bytes=_int(env, "IMGSERVE_MAX_BODY_BYTES", 20_000_000),
+        max_pixels=_int(env, "IMGSERVE_MAX_PIXELS", 40_000_000),
+        max_images=_int(env, "IMGSERVE_MAX_IMAGES", 64),
+        timeout_s=_int(env, "IMGSERVE_TIMEOUT_S", 60),
+        api_key=env.get("IMGSERVE_API_KEY") or None,
+    )

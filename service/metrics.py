@@ -1,0 +1,21 @@
+"""Prometheus metrics BentoML lacks, declared with ``bentoml.metrics`` so they appear on /metrics.
+
+Names are prefixed ``imgserve_``. Buckets are in seconds (latencies) or images (batch size).
+"""
+from __future__ import annotations
+
+import bentoml
+
+_LAT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+
+QUEUE = bentoml.metrics.Histogram(name="imgserve_queue_seconds", labelnames=["model"], buckets=_LAT,
+                                  documentation="Time a request waited in the batching queue before its batch ran")
+PREPROCESS = bentoml.metrics.Histogram(name="imgserve_preprocess_seconds", labelnames=["model"], buckets=_LAT,
+                                       documentation="Decode + colour conversion + resize time per image")
+INFERENCE = bentoml.metrics.Histogram(name="imgserve_inference_seconds", labelnames=["model"], buckets=_LAT,
+                                      documentation="Model run time per batch")
+BATCH_SIZE = bentoml.metrics.Histogram(name="imgserve_batch_size", labelnames=["model"], buckets=_SIZES,
+                                       documentation="Images per inference call")
+ERRORS = bentoml.metrics.Counter(name="imgserve_errors", labelnames=["kind"],
+                                 documentation="Refused or failed requests by kind")

@@ -1,0 +1,106 @@
+"""Load the configured bundles into served models: manifest -> preprocessor, backend, batcher."""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.backends import Backend, create_backend
+from service.batching import create_batcher
+from service.bundle import Bundle, BundleError, load_bundle, NAME_RE
+from service.config import ModelSource, Settings
+from service.preprocess import Preprocessor
+
+logger = logging.getLogger(__name__)
+
+_KIND = {"onnx": "onnx", "torchscript": "torchscript"}
+
+
+@dataclass
+class ServedModel:
+    name: str
+    bundle: Bundle
+    preprocessor: Preprocessor
+    backend: Backend
+    batcher: Any
+    file: Path
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def version(self) -> str:
+        return str(self.bundle.manifest.get("version", ""))
+
+    def describe(self, precision: str) -> dict[str, Any]:
+        """What GET /models shows for this model."""
+        m = self.bundle.manifest
+        return {"name": self.name, "version": self.version, "architecture": m.get("architecture", {}).get("name"),
+                "num_classes": len(self.class_names), "class_names": self.class_names, "input": m["input"],
+                "preprocessing": m["preprocessing"], "backend": self.backend.name, "precision": precision,
+                "file": self.file.name, "device": self.backend.device, "providers": list(self.backend.providers),
+                "max_batch_size": self.batcher.max_batch_size}
+
+    def warm_up(self) -> float:
+        """Run batch sizes 1 and max once (allocations, kernel choice); returns seconds taken."""
+        t0 = time.perf_counter()
+        for n in (1, self.batcher.max_batch_size, 1):
+            out = self.backend.run(np.zeros((n, *self.preprocessor.shape), dtype=np.uint8))
+            if out.shape != (n, len(self.class_names)):
+                raise BundleError(f"model {self.name}: output shape {out.shape}, expected {(n, len(self.class_names))}")
+        return time.perf_counter() - t0
+
+
+def resolve_source(src: ModelSource) -> Path:
+    """A bundle directory, or the directory of a BentoML model-store entry."""
+    if not src.store:
+        return Path(src.location)
+    import bentoml
+
+    try:
+        return Path(bentoml.models.get(src.location).path)
+    except bentoml.exceptions.NotFound:
+        raise BundleError(f"model {src.location!r} is not in the BentoML model store "
+                          f"(`python -m service.store import BUNDLE_DIR` adds one; `bentoml models list` shows them)") from None
+
+
+def load_model(src: ModelSource, settings: Settings, executor: Executor) -> ServedModel:
+    bundle = load_bundle(resolve_source(src))
+    name = src.name or bundle.name
+    if not NAME_RE.match(name):
+        raise BundleError(f"model name {name!r} must match {NAME_RE.pattern}")
+    precision = settings.precision
+    kind = _KIND[settings.backend]
+    path = bundle.model_file(kind, precision)  # verifies size and sha256 before anything loads it
+    backend = create_backend(settings.backend, path, threads=settings.threads, device=settings.device)
+    pre = Preprocessor.from_manifest(bundle.manifest["preprocessing"], max_pixels=settings.max_pixels)
+    batcher = create_batcher(settings.batcher, model=name, run=backend.run, executor=executor,
+                             max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms,
+                             max_queue=settings.max_queue)
+    return ServedModel(name, bundle, pre, backend, batcher, path, list(bundle.manifest["class_names"]))
+
+
+def load_models(settings: Settings, executor: Executor) -> dict[str, ServedModel]:
+    """Every configured model, hash-checked, loaded and warmed up; the first one is the default."""
+    models: dict[str, ServedModel] = {}
+    for src in settings.models:
+        m = load_model(src, settings, executor)
+        if m.name in models:
+            raise BundleError(f"two models are named {m.name!r}; name one with NAME=DIR in IMGSERVE_MODELS")
+        secs = m.warm_up()
+        logger.info("model %s v%s: %s on %s (%s), warm-up %.2f s", m.name, m.version, m.file.name,
+                    m.backend.device, ",".join(m.backend.providers), secs)
+        models[m.name] = m
+    return models
+
+
+def top_k(logits: np.ndarray, k: int, class_names: list[str]) -> list[dict[str, Any]]:
+    """One row of logits -> the k best classes with softmax scores, highest first."""
+    z = logits.astype(np.float64)
+    e = np.exp(z - z.max())
+    p = e / e.sum()
+    idx = np.argsort(-p, kind="stable")[:k]
+    return [{"label": class_names[i], "index": int(i), "score": float(p[i])} for i in idx]

@@ -1,0 +1,241 @@
+"""The BentoML service: ``bentoml serve service.service:ImgServe`` (from the repository root).
+
+Request path (one process, one event loop):
+  multipart parse (``service.io``) -> validate fields -> admission check (503 before any decode)
+  -> decode + preprocess in a small thread pool (one upload per task, so a bad image fails alone)
+  -> batcher (``service.batching``; one inference thread) -> softmax/top-k -> raw JSON Response.
+Configuration: IMGSERVE_* environment variables (``service.config``).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+import anyio
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+import bentoml
+from service import metrics
+from service.batching import Overloaded
+from service.config import Settings, load_settings
+from service.io import (BadField, ClassifyBatchInput, ClassifyBatchOutput, ClassifyInput, ClassifyOutput,
+                        error_response, json_response)
+from service.models import ServedModel, load_models, top_k
+from service.preprocess import ImageError, stack
+
+logger = logging.getLogger(__name__)
+
+SETTINGS: Settings = load_settings()
+PROTECTED = ("/classify",)  # prefixes that need the API key when one is set
+
+
+class GuardMiddleware:
+    """ASGI: body-size limit (413) and optional API key (401) before BentoML sees the request.
+
+    BentoML reserves 401 for itself and parses the whole body before the API runs, so both checks
+    belong in front of it. The key is compared in constant time and never logged.
+    """
+
+    def __init__(self, app: Any, max_body_bytes: int, api_key: str | None) -> None:
+        self.app = app
+        self.max_body = max_body_bytes
+        self.key = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.key is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.key):
+            metrics.ERRORS.labels(kind="unauthorized").inc()
+            return await error_response("missing or wrong API key: send 'Authorization: Bearer <IMGSERVE_API_KEY>'",
+                                        401)(scope, receive, send)
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            metrics.ERRORS.labels(kind="body_too_large").inc()
+            return await self._too_large(scope, receive, send)
+        seen = 0
+        started = False
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_body:
+                    raise _BodyTooLarge()
+            return msg
+
+        async def tracking_send(msg: dict) -> None:
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:  # chunked body without Content-Length that grew past the limit
+            metrics.ERRORS.labels(kind="body_too_large").inc()
+            if not started:
+                await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
+        await error_response(f"request body is over the limit of {self.max_body} bytes (IMGSERVE_MAX_BODY_BYTES)",
+                             413)(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _models_view(request: Request) -> Response:
+    svc = bentoml.get_current_service()
+    return json_response(svc.describe_models())
+
+
+# GET routes: BentoML APIs are POST only. Mounted passively after BentoML's own routes.
+extra_routes = Starlette(routes=[Route("/models", _models_view, methods=["GET"])])
+
+
+@bentoml.asgi_app(extra_routes, path="/")
+@bentoml.service(
+    name="imgserve",
+    workers=1,  # one process: the model threads already use every core
+    traffic={"timeout": SETTINGS.timeout_s},
+    logging={"access": {"enabled": False}},  # ~1 ms of event-loop time per request
+    tracing={"excluded_urls": ["/"]},  # OpenTelemetry middleware costs ~11 % of the loop
+    metrics={"enabled": True},
+)
+class ImgServe:
+    """Image classification over HTTP for the configured bundles (IMGSERVE_MODELS)."""
+
+    def __init__(self) -> None:
+        self.settings = SETTINGS
+        logger.info("imgserve settings: %r", self.settings)
+        # One inference thread for every model: the backend's intra-op pool uses all cores, and two
+        # concurrent runs would only fight over them.
+        self.infer_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgserve-infer")
+        # Decoders: PIL releases the GIL, but more decoders than cores only thrash.
+        self.decode_limiter = anyio.CapacityLimiter(max(1, self.settings.threads))
+        self._ready = False
+        self.models: dict[str, ServedModel] = load_models(self.settings, self.infer_executor)
+        self.default = next(iter(self.models))
+        self._ready = True
+
+    def __is_ready__(self) -> bool:
+        return self._ready
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def describe_models(self) -> dict[str, Any]:
+        return {"default": self.default,
+                "models": [m.describe(self.settings.precision) for m in self.models.values()]}
+
+    def _model(self, name: Optional[str]) -> ServedModel:
+        if name is None or name == "":
+            return self.models[self.default]
+        if not isinstance(name, str) or name not in self.models:
+            raise _Refused(f"unknown model {name!r}; served models: {', '.join(self.models)}", 404, "unknown_model",
+                           {"models": list(self.models)})
+        return self.models[name]
+
+    @staticmethod
+    def _top_k(value: Any, model: ServedModel) -> int:
+        n = len(model.class_names)
+        if value is None:
+            return min(5, n)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Refused(f"top_k must be an integer in 1..{n}, got {value!r}", 400, "bad_top_k")
+        if not 1 <= value <= n:
+            raise _Refused(f"top_k must be in 1..{n} for model {model.name!r}, got {value}", 400, "bad_top_k")
+        return value
+
+    @staticmethod
+    def _files(value: Any, field: str, limit: int) -> list:
+        if isinstance(value, BadField):
+            raise _Refused(value.message, value.status, value.kind)
+        if not value:
+            raise _Refused(f"missing the '{field}' file field: send the image as multipart form field '{field}' "
+                           f"(curl -F {field}=@photo.jpg ...)", 400, "missing_image")
+        if len(value) > limit:
+            raise _Refused(f"{len(value)} files in one request; at most {limit}", 413, "too_many_files")
+        return value
+
+    def _decode(self, model: ServedModel, upload: Any) -> np.ndarray:
+        """One upload -> (H, W, C) uint8; runs in a decoder thread."""
+        t0 = time.perf_counter()
+        upload.file.seek(0)
+        arr = model.preprocessor(upload.file)
+        metrics.PREPROCESS.labels(model=model.name).observe(time.perf_counter() - t0)
+        return arr
+
+    async def _prepare(self, model: ServedModel, uploads: list) -> np.ndarray:
+        """Decode every upload on its own; the first bad one refuses the request, naming the file."""
+        arrays = []
+        for i, up in enumerate(uploads):
+            try:
+                arrays.append(await anyio.to_thread.run_sync(self._decode, model, up, limiter=self.decode_limiter))
+            except ImageError as e:
+                where = f" (file {i}: {up.filename!r})" if len(uploads) > 1 else ""
+                raise _Refused(f"{e}{where}", e.status, e.kind) from None
+        return stack(arrays)
+
+    async def _classify(self, uploads_value: Any, field: str, limit: int, model_name: Any, k: Any) -> tuple[ServedModel, list]:
+        model = self._model(model_name)
+        kk = self._top_k(k, model)
+        uploads = self._files(uploads_value, field, limit)
+        model.batcher.admit(len(uploads))  # shed load before spending CPU on decoding
+        pixels = await self._prepare(model, uploads)  # (n, H, W, C) uint8
+        logits = await model.batcher.infer(pixels)  # (n, num_classes)
+        return model, [top_k(row, kk, model.class_names) for row in logits]
+
+    async def _answer(self, coro) -> Response:
+        try:
+            return await coro
+        except _Refused as e:
+            metrics.ERRORS.labels(kind=e.kind).inc()
+            return error_response(str(e), e.status, **e.extra)
+        except Overloaded as e:
+            return error_response(str(e), 503, retry_after=e.retry_after)
+
+    # -- API -------------------------------------------------------------------------------------
+    @bentoml.api(route="/classify", input_spec=ClassifyInput, output_spec=ClassifyOutput)
+    async def classify(self, image: Any = None, model: Optional[str] = None, top_k: int = 5) -> Response:
+        """Classify one image. Multipart: `image` (file), optional `model` and `top_k`.
+
+        `curl -F image=@photo.jpg -F top_k=3 http://127.0.0.1:3000/classify`
+        """
+        async def run() -> Response:
+            m, preds = await self._classify(image, "image", 1, model, top_k)
+            return json_response({"model": m.name, "version": m.version, "predictions": preds[0]})
+
+        return await self._answer(run())
+
+    @bentoml.api(route="/classify_batch", input_spec=ClassifyBatchInput, output_spec=ClassifyBatchOutput)
+    async def classify_batch(self, images: Any = None, model: Optional[str] = None, top_k: int = 5) -> Response:
+        """Classify several images (`images` repeated); results in the same order.
+
+        `curl -F images=@a.png -F images=@b.jpg http://127.0.0.1:3000/classify_batch`
+        """
+        async def run() -> Response:
+            m, preds = await self._classify(images, "images", self.settings.max_images, model, top_k)
+            return json_response({"model": m.name, "version": m.version,
+                                  "results": [{"predictions": p} for p in preds]})
+
+        return await self._answer(run())
+
+
+class _Refused(Exception):
+    """A client error: HTTP ``status`` with a one-line message, counted under ``kind``."""
+
+    def __init__(self, message: str, status: int, kind: str, extra: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.extra = status, kind, extra or {}
+
+
+ImgServe.add_asgi_middleware(GuardMiddleware, max_body_bytes=SETTINGS.max_body_bytes, api_key=SETTINGS.api_key)
