@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -83,19 +84,30 @@ class _Base:
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_ms / 1000.0
         self.max_queue = max_queue
-        self.per_image_s = 0.0  # EWMA of inference seconds per image, from real batches
-        self.queued_images = 0
+        self.per_image_s = 0.0  # EWMA of inference seconds per image, from warm-up and real batches
+        self.queued_images = 0  # waiting for the model
+        self.in_flight = 0  # admitted and not answered yet (decoding, queued or running)
 
     def estimated_wait(self, extra: int = 1) -> float:
-        return (self.queued_images + extra) * self.per_image_s
+        return (self.in_flight + extra) * self.per_image_s
 
-    def admit(self, n: int = 1) -> None:
-        """Refuse before decoding when the queue cannot serve ``n`` more images in time."""
+    @contextlib.contextmanager
+    def admitted(self, n: int = 1) -> Iterator[None]:
+        """Admission control before any decoding: refuse ``n`` more images that cannot be served in time.
+
+        Counting admitted (not only queued) images makes the refusal happen at the door, before the
+        CPU is spent on decoding work that would be thrown away.
+        """
         wait = self.estimated_wait(n)
-        if self.queued_images + n > self.max_queue or wait > self.max_latency_s:
+        if self.in_flight + n > self.max_queue or wait > self.max_latency_s:
             metrics.ERRORS.labels(kind="overloaded").inc()
-            raise Overloaded(f"overloaded: about {wait:.1f} s of work is queued for model {self.model!r}; retry later",
-                             _retry_after(max(wait - self.max_latency_s, 0.5)))
+            raise Overloaded(f"overloaded: {self.in_flight} images (about {wait:.2f} s of work) are in flight for "
+                             f"model {self.model!r}; retry later", _retry_after(max(wait - self.max_latency_s, 0.5)))
+        self.in_flight += n
+        try:
+            yield
+        finally:
+            self.in_flight -= n
 
     def _observe(self, n: int, seconds: float) -> None:
         per = seconds / max(n, 1)
@@ -197,10 +209,6 @@ class CorkBatcher(_Base):
 
     async def infer(self, pixels: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
-        self.queued_images += len(pixels)
-        try:
-            out = await self._call(pixels)
-        finally:
-            self.queued_images -= len(pixels)
+        out = await self._call(pixels)
         metrics.QUEUE.labels(model=self.model).observe(max(time.perf_counter() - t0 - self.per_image_s * len(pixels), 0.0))
         return out

@@ -38,6 +38,11 @@ class ImageUpload(pathlib.PurePosixPath):
         return {"type": "file", "format": "image"}
 
 
+# Set in the ASGI scope by the guard middleware when a body without Content-Length grows past the
+# limit (it then ends the body stream; BentoML would turn an exception into a 500).
+TOO_LARGE_KEY = "imgserve.body_too_large"
+
+
 @dataclass(frozen=True)
 class BadField:
     """A form field that could not be parsed; the API answers ``status`` with ``message``."""
@@ -62,6 +67,10 @@ async def parse_form(request: Request, cls: type[bentoml.IODescriptor], file_fie
     try:
         form = await request.form(max_files=max_files, max_fields=32)
     except Exception as e:  # starlette raises HTTPException/MultiPartException/ValueError on malformed bodies
+        if request.scope.get(TOO_LARGE_KEY):
+            data[file_field] = BadField(f"request body is over the limit of {request.scope[TOO_LARGE_KEY]} bytes "
+                                        "(IMGSERVE_MAX_BODY_BYTES)", 413, "body_too_large")
+            return cls.model_construct(**data)
         msg = getattr(e, "detail", None) or str(e) or type(e).__name__
         status, kind = (413, "too_many_files") if "Too many files" in msg else (400, "bad_multipart")
         data[file_field] = BadField(f"malformed multipart body: {msg}", status, kind)

@@ -47,10 +47,15 @@ class ServedModel:
     def warm_up(self) -> float:
         """Run batch sizes 1 and max once (allocations, kernel choice); returns seconds taken."""
         t0 = time.perf_counter()
-        for n in (1, self.batcher.max_batch_size, 1):
+        big = self.batcher.max_batch_size
+        for n in (1, big, 1, big):
+            t1 = time.perf_counter()
             out = self.backend.run(np.zeros((n, *self.preprocessor.shape), dtype=np.uint8))
             if out.shape != (n, len(self.class_names)):
                 raise BundleError(f"model {self.name}: output shape {out.shape}, expected {(n, len(self.class_names))}")
+        # Seed admission control with the measured cost (last run: a full batch), so overload is
+        # recognised from the first burst.
+        self.batcher.per_image_s = (time.perf_counter() - t1) / big
         return time.perf_counter() - t0
 
 

@@ -26,7 +26,7 @@ import bentoml
 from service import metrics
 from service.batching import Overloaded
 from service.config import Settings, load_settings
-from service.io import (BadField, ClassifyBatchInput, ClassifyBatchOutput, ClassifyInput, ClassifyOutput,
+from service.io import (TOO_LARGE_KEY, BadField, ClassifyBatchInput, ClassifyBatchOutput, ClassifyInput, ClassifyOutput,
                         error_response, json_response)
 from service.models import ServedModel, load_models, top_k
 from service.preprocess import ImageError, stack
@@ -62,36 +62,22 @@ class GuardMiddleware:
             metrics.ERRORS.labels(kind="body_too_large").inc()
             return await self._too_large(scope, receive, send)
         seen = 0
-        started = False
 
         async def limited_receive() -> dict:
             nonlocal seen
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.max_body:
-                    raise _BodyTooLarge()
+                if seen > self.max_body:  # chunked upload that grew too big: end the stream here
+                    scope[TOO_LARGE_KEY] = self.max_body
+                    return {"type": "http.disconnect"}
             return msg
 
-        async def tracking_send(msg: dict) -> None:
-            nonlocal started
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:  # chunked body without Content-Length that grew past the limit
-            metrics.ERRORS.labels(kind="body_too_large").inc()
-            if not started:
-                await self._too_large(scope, receive, send)
+        await self.app(scope, limited_receive, send)
 
     async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
         await error_response(f"request body is over the limit of {self.max_body} bytes (IMGSERVE_MAX_BODY_BYTES)",
                              413)(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 async def _models_view(request: Request) -> Response:
@@ -189,9 +175,9 @@ class ImgServe:
         model = self._model(model_name)
         kk = self._top_k(k, model)
         uploads = self._files(uploads_value, field, limit)
-        model.batcher.admit(len(uploads))  # shed load before spending CPU on decoding
-        pixels = await self._prepare(model, uploads)  # (n, H, W, C) uint8
-        logits = await model.batcher.infer(pixels)  # (n, num_classes)
+        with model.batcher.admitted(len(uploads)):  # shed load before spending CPU on decoding
+            pixels = await self._prepare(model, uploads)  # (n, H, W, C) uint8
+            logits = await model.batcher.infer(pixels)  # (n, num_classes)
         return model, [top_k(row, kk, model.class_names) for row in logits]
 
     async def _answer(self, coro) -> Response:
