@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help=f"(default {d.seed})")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="auto = cuda when present (default auto)")
     g.add_argument("--workers", type=int, help=f"DataLoader worker processes (default {d.workers})")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is often faster on a busy machine)")
     g.add_argument("--out", help="run directory (default runs/MODEL-DATASET-TIMESTAMP, or the resumed run's)")
     g.add_argument("--resume", metavar="LAST_PT", help="continue a run from its last.pt; flags not given come from it")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars (default on, only on a terminal)")
