@@ -102,10 +102,10 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"parity vs {report.get('reference', 'torch_eager')} on {report['samples']} samples "
              f"({report['sample_source']}); logits atol {t['atol']:g} rtol {t['rtol']:g}, "
              f"top-1 >= {100 * t['min_top1_agreement']:.1f} %",
-             f"{'backend':<18} {'batch':>5} {'logit abs':>10} {'logit rel':>10} {'prob abs':>10} "
+             f"{'backend':<22} {'batch':>5} {'logit abs':>10} {'logit rel':>10} {'prob abs':>10} "
              f"{'prob rel':>10} {'top-1 %':>8}  result"]
     for r in report["results"]:
-        lines.append(f"{r['backend']:<18} {r['batch_size']:>5} {r['logits_max_abs']:>10.2e} {r['logits_max_rel']:>10.2e} "
+        lines.append(f"{r['backend']:<22} {r['batch_size']:>5} {r['logits_max_abs']:>10.2e} {r['logits_max_rel']:>10.2e} "
                      f"{r['softmax_max_abs']:>10.2e} {r['softmax_max_rel']:>10.2e} {100 * r['top1_agreement']:>8.2f}  "
                      f"{'ok' if r['passed'] else 'FAIL'}")
     for s in report.get("skipped", []):

@@ -25,7 +25,7 @@ def _tensors(ds, mean: float, std: float) -> tuple[torch.Tensor, torch.Tensor]:
     return (x - mean) / std, torch.from_numpy(ds.labels)
 
 
-def train_digits_checkpoint(path: Path, arch: str = "simple_cnn", epochs: int = 12, seed: int = 0) -> Path:
+def train_digits_checkpoint(path: Path, arch: str = "simple_cnn", epochs: int = 8, seed: int = 0) -> Path:
     """Train ``arch`` on digits (train split) and save a contract checkpoint; returns ``path``."""
     torch.manual_seed(seed)
     splits = get_dataset("digits", seed=seed)
