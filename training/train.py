@@ -408,6 +408,8 @@ def _fit(s: _Setup, t_start: float) -> Path:
         optimizer.load_state_dict(r["optimizer_state"])
         if scheduler is not None and r.get("scheduler_state"):
             scheduler.load_state_dict(r["scheduler_state"])
+            if hasattr(scheduler, "T_max"):  # cosine: anneal to the (possibly extended) new --epochs
+                scheduler.T_max = max(1, cfg.epochs)
         if amp and r.get("scaler_state"):
             scaler.load_state_dict(r["scaler_state"])
         history = list(r.get("metrics", {}).get("history", []))
