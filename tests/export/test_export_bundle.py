@@ -20,6 +20,8 @@ from training.checkpoint import build_from_checkpoint, load_checkpoint
 from training.datasets import get_dataset
 from training.transforms import eval_transform
 
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load is deprecated in 2.14
+
 
 @pytest.fixture(scope="module")
 def digits_bundle(digits_checkpoint, tmp_path_factory) -> Path:
@@ -38,7 +40,7 @@ def test_manifest_validates_and_hashes_match(digits_bundle, digits_checkpoint):
         {("torchscript", 1), ("torchscript", 32), ("onnxruntime_cpu", 1), ("onnxruntime_cpu", 32)}
     assert m["files"]["model.onnx"]["opset"] >= 17
     assert m["metrics"]["test_acc"] > 0.9, "fixture model should be trained"
-    assert len(m["source"]["checkpoint_sha256"]) == 64 and m["name"] == "digits_cnn" and m["version"] == "1"
+    assert len(m["source"]["checkpoint_sha256"]) == 64 and m["name"] == "digits_simple_cnn" and m["version"] == "1"
     assert not list(digits_bundle.parent.glob(".*partial")), "temp dir left behind"
 
 
