@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -355,15 +354,17 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        s = _prepare(cfg)
-    except ValueError as e:
-        if type(e) is ValueError:  # e.g. build_model's or transfer's argument checks: still a user error
-            raise TrainError(str(e)) from None
-        raise
-    try:
-        return _fit(s, t_start)
+        try:
+            s = _prepare(cfg)
+        except ValueError as e:
+            if type(e) is ValueError:  # e.g. build_model's or transfer's argument checks: still a user error
+                raise TrainError(str(e)) from None
+            raise
+        try:
+            return _fit(s, t_start)
+        finally:
+            dist.cleanup(s.ctx)
     finally:
-        dist.cleanup(s.ctx)
         torch.set_num_threads(threads_before)
 
 
