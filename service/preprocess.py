@@ -168,7 +168,10 @@ class Preprocessor:
 
     def __call__(self, data: bytes | io.BufferedIOBase) -> np.ndarray:
         """Upload -> uint8 (H, W, C). Raises ImageError (with an HTTP status) for a bad upload."""
-        img = self.open(data)
+        return self.finish(self.open(data))
+
+    def finish(self, img: Image.Image) -> np.ndarray:
+        """An opened image (``open``) -> uint8 (H, W, C): decode, colour mode, resize."""
         img = self.decode(img)
         try:
             img = self.resize(img)
