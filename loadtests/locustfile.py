@@ -21,7 +21,9 @@ all its classes; where the top-1 margin is clear (>= KNOWN_MARGIN) the answer be
 known label, and every later answer for it must agree, single or batched. A wrong body is a
 failure even with status 200; failures are named by kind ("wrong_label", "http_503", ...).
 
-Environment: LOADTEST_MAX_REQUESTS (stop after this many requests, default unbounded: use -t),
+Environment: LOADTEST_RUN_SECONDS (stop this long after the warm-up; -t then only bounds the whole),
+LOADTEST_MAX_REQUESTS (stop after this many requests, default unbounded: use -t), LOADTEST_FINAL_STATS
+(a JSON file for the exact final figures: locust's CSV can be up to a second behind),
 LOADTEST_WAIT (seconds of think time, uniform 0..W, default 0), LOADTEST_MODELS (comma list to
 restrict the model choice), LOADTEST_PHOTO_SIDES (e.g. "300,640" to leave out big photos).
 """
@@ -31,12 +33,15 @@ import json
 import logging
 import os
 import random
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+import gevent
 import gevent.lock
 from locust import FastHttpUser, between, events, task
+from locust.runners import MasterRunner, WorkerRunner
 
 from loadtests.checks import (BodyError, ModelInfo, check_batch_body, check_classify_body, check_error_body,
                               parse_models)
@@ -47,6 +52,7 @@ log = logging.getLogger(__name__)
 KNOWN_MARGIN = 0.05          # top-1 minus top-2 probability needed to call a label "known"
 DEFAULT_TOP_K = 5            # the API's default when top_k is absent
 MAX_REQUESTS = int(os.environ.get("LOADTEST_MAX_REQUESTS", "0") or 0)
+RUN_SECONDS = float(os.environ.get("LOADTEST_RUN_SECONDS", "0") or 0)
 WAIT_S = float(os.environ.get("LOADTEST_WAIT", "0") or 0)
 
 
@@ -111,20 +117,79 @@ def service_view(host: str) -> ServiceView:
         return _view
 
 
+_count = {"requests": 0, "stopping": False}
+_window = {"start": 0.0, "end": 0.0}   # wall clock of the measured part (after the warm-up)
+FINAL_STATS = os.environ.get("LOADTEST_FINAL_STATS", "")
+
+
 @events.request.add_listener
 def _bound_requests(request_type, name, response_time, response_length, exception=None, context=None, **kw):
     """Stop the whole run after LOADTEST_MAX_REQUESTS requests (bounded in count, not only in time)."""
-    if not MAX_REQUESTS:
-        return
-    env = getattr(_bound_requests, "env", None)
-    if env is not None and env.runner is not None and env.stats.total.num_requests >= MAX_REQUESTS:
-        env.runner.quit()
+    _count["requests"] += 1
+    if MAX_REQUESTS and _count["requests"] >= MAX_REQUESTS and not _count["stopping"]:
+        _count["stopping"] = True
+        env = getattr(_bound_requests, "env", None)
+        if env is not None and env.runner is not None:
+            _window["end"] = time.time()
+            log.info("%d requests reached (LOADTEST_MAX_REQUESTS), stopping", _count["requests"])
+            # from a greenlet of its own: quit() kills the users, and this listener runs in one of them
+            gevent.spawn(env.runner.quit)
 
 
 @events.init.add_listener
 def _on_init(environment, **kw):
     _bound_requests.env = environment   # type: ignore[attr-defined]
     load_payloads()                     # build every payload once, before any user starts
+
+
+@events.test_start.add_listener
+def _on_test_start(environment, **kw):
+    """Learn the models and known labels before the users start (and before -t's clock starts)."""
+    if environment.host and not isinstance(environment.runner, MasterRunner):
+        service_view(environment.host)
+    _window["start"] = time.time()
+    if RUN_SECONDS and not isinstance(environment.runner, WorkerRunner):
+        gevent.spawn(_stop_after, environment, RUN_SECONDS)
+
+
+def _stop_after(environment, seconds: float) -> None:
+    """LOADTEST_RUN_SECONDS, counted from the end of the warm-up on the monotonic clock.
+
+    Locust's -t counts on gevent's cached loop time, which runs early when start-up work blocked
+    the loop (building the payloads takes seconds on a busy machine); run.py keeps -t as an outer bound.
+    """
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        gevent.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    if not _count["stopping"]:
+        _count["stopping"] = True
+        _window["end"] = time.time()
+        log.info("run time of %.0f s reached (LOADTEST_RUN_SECONDS), stopping", seconds)
+        environment.runner.quit()
+
+
+@events.quit.add_listener
+def _on_quit(exit_code, **kw):
+    """Write LOADTEST_FINAL_STATS: exact final figures (locust's CSV is a snapshot up to a second old)."""
+    env = getattr(_bound_requests, "env", None)
+    if not FINAL_STATS or env is None or isinstance(env.runner, WorkerRunner):
+        return
+    window = time.time() - _window["start"] if _window["start"] else None
+    if _count["stopping"] and _window["end"]:
+        window = _window["end"] - _window["start"]
+
+    def entry(e) -> dict:
+        has = e.num_requests > 0
+        return {"name": e.name, "method": e.method or "", "requests": e.num_requests, "failures": e.num_failures,
+                "rps": e.num_requests / window if window else e.total_rps,
+                **{f"p{q}_ms": (e.get_response_time_percentile(q / 100) if has else None) for q in (50, 95, 99)}}
+
+    data = {"window_s": window, "total": entry(env.stats.total),
+            "entries": [entry(e) for e in sorted(env.stats.entries.values(), key=lambda e: (e.name, e.method))],
+            "errors": [{"method": e.method, "name": e.name, "error": str(e.error), "occurrences": e.occurrences}
+                       for e in env.stats.errors.values()]}
+    with open(FINAL_STATS, "w") as fh:
+        json.dump(data, fh, indent=1)
 
 
 class ImgServeUser(FastHttpUser):

@@ -5,7 +5,7 @@
 
 Results go to loadtests/results/RUN/ (git-ignored): locust_stats.csv, locust_failures.csv,
 locust_stats_history.csv, report.html, locust.log, summary.txt, summary.json (and service.log when
-the service was started here). Exit status: 0 when every request passed its checks, 1 when some
+the service was started here), final_stats.json (exact end-of-run figures). Exit status: 0 when every request passed its checks, 1 when some
 failed, 2 for a usage error.
 """
 from __future__ import annotations
@@ -28,6 +28,9 @@ from loadtests.summary import summarize
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+# The run's clock starts after the warm-up (payloads, known labels: seconds, more on a busy machine);
+# locust's own -t and the process timeout get this much on top as outer bounds.
+START_SLACK_S = 240
 
 
 def parse_duration(text: str) -> int:
@@ -72,18 +75,18 @@ def preflight(host: str) -> None:
 def run_locust(host: str, out: Path, args: argparse.Namespace) -> int:
     """Headless locust, bounded by --duration (and a hard timeout on top); returns its exit status."""
     cmd = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless", "--host", host,
-           "-u", str(args.users), "-r", str(args.spawn_rate or args.users), "-t", f"{args.duration}s",
+           "-u", str(args.users), "-r", str(args.spawn_rate or args.users), "-t", f"{args.duration + START_SLACK_S}s",
            "--stop-timeout", "10", "--csv", str(out / "locust"), "--csv-full-history",
            "--html", str(out / "report.html"), "--only-summary", "--logfile", str(out / "locust.log")]
-    env = {**os.environ, "LOADTEST_MAX_REQUESTS": str(args.max_requests), "LOADTEST_MODELS": args.models,
+    env = {**os.environ, "LOADTEST_RUN_SECONDS": str(args.duration), "LOADTEST_MAX_REQUESTS": str(args.max_requests),
+           "LOADTEST_MODELS": args.models, "LOADTEST_FINAL_STATS": str(out / "final_stats.json"),
            "LOADTEST_PHOTO_SIDES": args.photo_sides, "LOADTEST_WAIT": str(args.wait),
            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     log.info("locust: %d users, %d s, max %s requests -> %s", args.users, args.duration, args.max_requests or "-", out)
     with open(out / "locust.stdout.txt", "wb") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
         try:
-            # start-up (payloads, known labels) + run + stop timeout + slack
-            return proc.wait(timeout=args.duration + 180)
+            return proc.wait(timeout=args.duration + START_SLACK_S + 60)
         except subprocess.TimeoutExpired:
             log.error("locust overran its time bound; stopping pid %d", proc.pid)
             proc.terminate()
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (out / "locust_stats.csv").exists():
         print(f"error: locust wrote no statistics (exit {code}); see {out / 'locust.log'}", file=sys.stderr)
         return 2
-    summary = summarize(out / "locust")
+    summary = summarize(out / "locust", out / "final_stats.json")
     text = summary.format()
     (out / "summary.txt").write_text(text + "\n")
     (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -67,8 +68,25 @@ def failure_kind(error: str) -> str:
     return m.group(2) if m else error.strip()
 
 
-def summarize(csv_prefix: str | Path) -> Summary:
-    """Read PREFIX_stats.csv and PREFIX_failures.csv written by `locust --csv PREFIX`."""
+def summarize_final(path: str | Path) -> Summary:
+    """Read the exact final figures the locustfile writes at exit (LOADTEST_FINAL_STATS)."""
+    data = json.loads(Path(path).read_text())
+
+    def row(e: dict, name: str | None = None) -> RowStats:
+        return RowStats(name or f"{e['method']} {e['name']}".strip(), e["requests"], e["failures"], e["rps"],
+                        e["p50_ms"], e["p95_ms"], e["p99_ms"])
+
+    kinds: Counter[str] = Counter()
+    for err in data["errors"]:
+        kinds[failure_kind(err["error"])] += err["occurrences"]
+    return Summary(row(data["total"], "Aggregated"), [row(e) for e in data["entries"]], dict(kinds))
+
+
+def summarize(csv_prefix: str | Path, final_json: str | Path | None = None) -> Summary:
+    """The run's summary: from `final_json` when it exists, else PREFIX_stats.csv and PREFIX_failures.csv
+    written by `locust --csv PREFIX` (those can lag the end of the run by up to a second)."""
+    if final_json is not None and Path(final_json).is_file():
+        return summarize_final(final_json)
     prefix = str(csv_prefix)
     with open(prefix + "_stats.csv", newline="") as fh:
         rows = [_row(r) for r in csv.DictReader(fh)]
