@@ -75,7 +75,7 @@ def plot_predictions(test_set, preds: np.ndarray, class_names: list[str], path: 
         wrong += not ok
         ax.imshow(np.asarray(img), cmap="gray" if img.mode == "L" else None)
         ax.set_title(f"{class_names[int(preds[i])][:10]}\n({class_names[int(label)][:10]})",
-                     fontsize=6, color="green" if ok else "red")
+                     fontsize=8, color="green" if ok else "red")
     fig.suptitle(f"{k - wrong}/{k} right: predicted (true); wrong in red", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
