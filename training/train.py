@@ -33,6 +33,7 @@ from training.transforms import _INTERPOLATION, eval_transform, make_preprocess,
 log = logging.getLogger(__name__)
 
 PHOTO_CROP_MIN = 64  # photos at >= 64 px are resized by the shorter side and centre-cropped (ImageNet style)
+PHOTO_DEFAULT_MAX = 224  # default input side for photo folders: their native size may be thousands of px
 
 
 class TrainError(ValueError):
@@ -172,7 +173,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def resolve_image_size(cfg: TrainConfig, splits: DataSplits, model_name: str) -> int:
-    """``--image-size`` or the dataset's native size, raised to the model's minimum."""
+    """``--image-size`` or the dataset's native size (photos: at most 224), raised to the model's minimum."""
     spec = get_model_spec(model_name)
     if cfg.image_size is not None:
         if cfg.image_size < spec.min_input_size:
@@ -181,7 +182,8 @@ def resolve_image_size(cfg: TrainConfig, splits: DataSplits, model_name: str) ->
         if cfg.image_size > 1024:
             raise TrainError(f"--image-size {cfg.image_size} is too large: use at most 1024")
         return cfg.image_size
-    return max(splits.native_size, spec.min_input_size)
+    native = min(splits.native_size, PHOTO_DEFAULT_MAX) if splits.photos else splits.native_size
+    return max(native, spec.min_input_size)
 
 
 def resolve_preprocess(splits: DataSplits, channels: int, image_size: int) -> dict[str, Any]:
