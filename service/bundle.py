@@ -55,7 +55,7 @@ def verify_file(root: Path, fname: str, meta: dict[str, Any]) -> Path:
     """Resolve ``fname`` inside ``root`` (no escaping it) and check its size and sha256."""
     if "/" in fname or "\\" in fname or fname in ("", ".", ".."):
         raise BundleError(f"bundle {root}: file name {fname!r} has path characters")
-    path = root / fname
+    path = _inside(root, fname)
     if not path.is_file():
         raise BundleError(f"bundle {root}: {fname} is listed in manifest.json but missing")
     if "bytes" in meta and path.stat().st_size != int(meta["bytes"]):
@@ -64,6 +64,16 @@ def verify_file(root: Path, fname: str, meta: dict[str, Any]) -> Path:
     if digest != meta.get("sha256"):
         raise BundleError(f"bundle {root}: sha256 of {fname} is {digest[:12]}..., manifest says "
                           f"{str(meta.get('sha256'))[:12]}... (file changed after export: re-export it)")
+    return path
+
+
+def _inside(root: Path, fname: str) -> Path:
+    """``root / fname``, refused when a symlink makes it resolve outside the bundle directory."""
+    path = root / fname
+    real, base = path.resolve(), root.resolve()
+    if not real.is_relative_to(base):
+        raise BundleError(f"bundle {root}: {fname} resolves to {real}, outside the bundle directory "
+                          "(symlinks out of a bundle are refused: copy the file into it)")
     return path
 
 
@@ -81,7 +91,7 @@ def _schema_validate(manifest: dict[str, Any], where: Path) -> None:
 def load_bundle(path: str | Path) -> Bundle:
     """Load and check ``path/manifest.json``. Model files are hash-checked when chosen."""
     root = Path(path)
-    mpath = root / "manifest.json"
+    mpath = _inside(root, "manifest.json")
     if not mpath.is_file():
         raise BundleError(f"no bundle at {root} (manifest.json missing): export one with "
                           f"`python -m export runs/default/best.pt --out {root}`")
