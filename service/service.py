@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
@@ -25,6 +27,7 @@ from starlette.routing import Route
 import bentoml
 from service import metrics
 from service.batching import Overloaded
+from service.bundle import BundleError
 from service.config import Settings, load_settings
 from service.io import (TOO_LARGE_KEY, BadField, ClassifyBatchInput, ClassifyBatchOutput, ClassifyInput, ClassifyOutput,
                         error_response, json_response)
@@ -111,7 +114,11 @@ class ImgServe:
         # Decoders: PIL releases the GIL, but more decoders than cores only thrash.
         self.decode_limiter = anyio.CapacityLimiter(max(1, self.settings.threads))
         self._ready = False
-        self.models: dict[str, ServedModel] = load_models(self.settings, self.infer_executor)
+        try:
+            self.models: dict[str, ServedModel] = load_models(self.settings, self.infer_executor)
+        except (BundleError, ValueError) as e:
+            _stop_supervisor(str(e))
+            raise
         self.default = next(iter(self.models))
         self._ready = True
 
@@ -223,6 +230,19 @@ class ImgServe:
                                   "results": [{"predictions": p} for p in preds]})
 
         return await self._answer(run())
+
+
+def _stop_supervisor(reason: str) -> None:
+    """A bad bundle or setting does not fix itself: log one line and stop `bentoml serve`, whose
+    supervisor would otherwise restart this worker every few seconds forever, never ready."""
+    logger.error("imgserve cannot start: %s", reason)
+    ppid = os.getppid()
+    try:
+        cmd = open(f"/proc/{ppid}/cmdline", "rb").read().split(b"\0")
+    except OSError:
+        return
+    if b"serve" in cmd and any(c.endswith((b"bentoml", b"bentoml.__main__")) for c in cmd):
+        os.kill(ppid, signal.SIGTERM)
 
 
 class _Refused(Exception):
