@@ -415,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     form = {"top_k": str(a.top_k)} if a.top_k else {}
     body, body_ctype = multipart(form, [(a.field, (fname, image, ctype))])
     (out / "body.bin").write_bytes(body)
-    body_env = {"BODY_FILE": str(out / "body.bin"), "CONTENT_TYPE": body_ctype}
+    body_env = {"BODY_FILE": str(out / "body.bin"), "CONTENT_TYPE": body_ctype,
+                "API_KEY": os.environ.get("IMGSERVE_API_KEY", "")}   # the server started here gets the same env
 
     if a.server_cmd:
         if not a.url or not re.match(r"^http://127\.0\.0\.1:\d+/", a.url):

@@ -21,9 +21,11 @@ all its classes; where the top-1 margin is clear (>= KNOWN_MARGIN) the answer be
 known label, and every later answer for it must agree, single or batched. A wrong body is a
 failure even with status 200; failures are named by kind ("wrong_label", "http_503", ...).
 
-Environment: LOADTEST_RUN_SECONDS (stop this long after the warm-up; -t then only bounds the whole),
-LOADTEST_MAX_REQUESTS (stop after this many requests, default unbounded: use -t), LOADTEST_FINAL_STATS
-(a JSON file for the exact final figures: locust's CSV can be up to a second behind),
+Environment:
+LOADTEST_API_KEY (or IMGSERVE_API_KEY): sent as `Authorization: Bearer KEY`;
+LOADTEST_RUN_SECONDS: stop this long after the warm-up (-t then only bounds the whole);
+LOADTEST_MAX_REQUESTS: stop after this many requests (default unbounded: use -t);
+LOADTEST_FINAL_STATS: a JSON file for the exact final figures (locust's CSV can be a second behind);
 LOADTEST_WAIT (seconds of think time, uniform 0..W, default 0), LOADTEST_MODELS (comma list to
 restrict the model choice), LOADTEST_PHOTO_SIDES (e.g. "300,640" to leave out big photos).
 """
@@ -53,6 +55,9 @@ KNOWN_MARGIN = 0.05          # top-1 minus top-2 probability needed to call a la
 DEFAULT_TOP_K = 5            # the API's default when top_k is absent
 MAX_REQUESTS = int(os.environ.get("LOADTEST_MAX_REQUESTS", "0") or 0)
 RUN_SECONDS = float(os.environ.get("LOADTEST_RUN_SECONDS", "0") or 0)
+# The service's optional API key (issue 6): sent as a bearer token when set, never logged.
+_KEY = os.environ.get("LOADTEST_API_KEY") or os.environ.get("IMGSERVE_API_KEY") or ""
+AUTH = {"Authorization": f"Bearer {_KEY}"} if _KEY else {}
 WAIT_S = float(os.environ.get("LOADTEST_WAIT", "0") or 0)
 
 
@@ -74,7 +79,7 @@ _first_seen: set[str] = set()
 
 def _http_json(url: str, body: bytes | None = None, ctype: str | None = None, timeout: float = 60.0) -> object:
     """One request outside locust's statistics (start-up only)."""
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype} if ctype else {})
+    req = urllib.request.Request(url, data=body, headers={**AUTH, **({"Content-Type": ctype} if ctype else {})})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 
@@ -248,7 +253,7 @@ class ImgServeUser(FastHttpUser):
         info = self.view.models[answering] if answering else next(iter(self.view.models.values()))
         top_k = self._pick_top_k(info)
         body, ctype = multipart(self._form(model, top_k), [("image", (payload.filename, payload.data, payload.content_type))])
-        with self.client.post("/classify", data=body, headers={"Content-Type": ctype}, name=f"/classify {group}",
+        with self.client.post("/classify", data=body, headers={**AUTH, "Content-Type": ctype}, name=f"/classify {group}",
                               catch_response=True) as resp:
             data = self._json_or_fail(resp)
             if data is None:
@@ -283,7 +288,7 @@ class ImgServeUser(FastHttpUser):
         top_k = self._pick_top_k(self.view.models[answering]) if answering else None
         files = [("images", (p.filename, p.data, p.content_type)) for p in items]
         body, ctype = multipart(self._form(model, top_k), files)
-        with self.client.post("/classify_batch", data=body, headers={"Content-Type": ctype},
+        with self.client.post("/classify_batch", data=body, headers={**AUTH, "Content-Type": ctype},
                               name="/classify_batch 2-6 images", catch_response=True) as resp:
             data = self._json_or_fail(resp)
             if data is None:
@@ -302,7 +307,7 @@ class ImgServeUser(FastHttpUser):
     def bad_input(self) -> None:
         case: BadCase = random.choice(self.payloads.bad)
         body, ctype = multipart(dict(case.form), list(case.files))
-        with self.client.post("/classify", data=body, headers={"Content-Type": ctype}, name=f"/classify bad {case.name}",
+        with self.client.post("/classify", data=body, headers={**AUTH, "Content-Type": ctype}, name=f"/classify bad {case.name}",
                               catch_response=True) as resp:
             if resp.status_code == 0:
                 return self._fail(resp, f"connection_{type(resp.error).__name__}", str(resp.error))
@@ -318,7 +323,7 @@ class ImgServeUser(FastHttpUser):
 
     @task(1)
     def list_models(self) -> None:
-        with self.client.get("/models", name="/models", catch_response=True) as resp:
+        with self.client.get("/models", name="/models", headers=AUTH, catch_response=True) as resp:
             data = self._json_or_fail(resp)
             if data is None:
                 return

@@ -4,9 +4,9 @@
     .venv/bin/python -m loadtests.run --start-service bundles/default --users 16 --duration 30s
 
 Results go to loadtests/results/RUN/ (git-ignored): locust_stats.csv, locust_failures.csv,
-locust_stats_history.csv, report.html, locust.log, summary.txt, summary.json (and service.log when
-the service was started here), final_stats.json (exact end-of-run figures). Exit status: 0 when every request passed its checks, 1 when some
-failed, 2 for a usage error.
+locust_stats_history.csv, report.html, locust.log, summary.txt, summary.json, final_stats.json (exact
+end-of-run figures) and service.log when the service was started here. Exit status: 0 when every
+request passed its checks, 1 when some failed, 2 for a usage error.
 """
 from __future__ import annotations
 

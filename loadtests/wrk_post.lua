@@ -2,6 +2,7 @@
 --   env BODY_FILE    file holding the exact request body (multipart form built by loadtests.bench)
 --   env CONTENT_TYPE its Content-Type header value
 --   env METHOD       GET for the HTTP-floor run (no body), default POST
+--   env API_KEY      sent as "Authorization: Bearer KEY" when set
 -- At the end it prints one line "STATUS_JSON {...}" with {status: count}, so 2xx can be told from
 -- 503s (wrk's own Requests/sec counts every answer).
 local method = os.getenv("METHOD") or "POST"
@@ -11,6 +12,11 @@ if method == "POST" then
   wrk.body = f:read("*a")
   f:close()
   wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE")
+end
+
+local key = os.getenv("API_KEY")
+if key and key ~= "" then
+  wrk.headers["Authorization"] = "Bearer " .. key
 end
 
 local threads = {}
