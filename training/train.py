@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -338,6 +339,20 @@ def _checkpoint(s: _Setup, state_dict: dict, epoch: int, best_val_acc: float, me
     return ckpt
 
 
+def _extend_cosine(scheduler, optimizer, epochs: int) -> None:
+    """Resuming with another --epochs: anneal over the new total from where the run is.
+
+    The lr is set from the closed form because CosineAnnealingLR updates it recursively from the
+    current value, which is 0 at the end of a finished schedule (it would stay 0 forever).
+    """
+    scheduler.T_max = max(1, epochs)
+    t = min(scheduler.last_epoch, scheduler.T_max)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * t / scheduler.T_max)) / 2
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    log.info("cosine schedule extended to %d epochs: lr now %.2e", scheduler.T_max, optimizer.param_groups[-1]["lr"])
+
+
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in dist.unwrap(model).state_dict().items()}
 
@@ -411,8 +426,8 @@ def _fit(s: _Setup, t_start: float) -> Path:
         optimizer.load_state_dict(r["optimizer_state"])
         if scheduler is not None and r.get("scheduler_state"):
             scheduler.load_state_dict(r["scheduler_state"])
-            if hasattr(scheduler, "T_max"):  # cosine: anneal to the (possibly extended) new --epochs
-                scheduler.T_max = max(1, cfg.epochs)
+            if hasattr(scheduler, "T_max") and scheduler.T_max != max(1, cfg.epochs):
+                _extend_cosine(scheduler, optimizer, cfg.epochs)
         if amp and r.get("scaler_state"):
             scaler.load_state_dict(r["scaler_state"])
         history = list(r.get("metrics", {}).get("history", []))
