@@ -130,3 +130,13 @@ def test_failure_kind_unwraps_locust_errors():
 
     assert failure_kind("CatchResponseError('wrong_label')") == "wrong_label"
     assert failure_kind("ConnectionRefusedError(111, 'Connection refused')").startswith("ConnectionRefusedError")
+
+
+def test_parse_duration():
+    import argparse
+
+    from loadtests.run import parse_duration
+
+    assert [parse_duration(t) for t in ("30s", "2m", "1h30m", "45")] == [30, 120, 5400, 45]
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_duration("30 seconds")
