@@ -121,15 +121,19 @@ async def fire(host: str, port: int, request: bytes, timeout: float = 30.0, tag:
 
 
 async def closed_loop(host: str, port: int, make: Callable[[int], tuple[bytes, object]], concurrency: int,
-                      seconds: float, max_requests: int = 100_000, timeout: float = 30.0) -> list[Result]:
-    """``concurrency`` clients, each sending its next request when the last one is answered."""
+                      seconds: float, max_requests: int = 100_000, timeout: float = 30.0,
+                      stop: Callable[[], bool] = lambda: False) -> list[Result]:
+    """``concurrency`` clients, each sending its next request when the last one is answered.
+
+    Ends after ``seconds``, ``max_requests`` or when ``stop()`` turns true, whichever comes first.
+    """
     out: list[Result] = []
     end = time.perf_counter() + seconds
     counter = iter(range(max_requests))
 
     async def client() -> None:
         for i in counter:
-            if time.perf_counter() >= end:
+            if time.perf_counter() >= end or stop():
                 return
             req, tag = make(i)
             out.append(await fire(host, port, req, timeout, tag))
