@@ -1,0 +1,54 @@
+"""`bentoml build` with the repository's bentofile.yaml, in a temporary BENTOML_HOME.
+
+No Docker engine here: check the bento's contents and the generated Dockerfile instead of running it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BENTOML = Path(sys.executable).with_name("bentoml")
+
+
+def test_bento_build(bundle: Path, tmp_path: Path) -> None:
+    # The bentofile serves the store's `default` model: import the test bundle under that name.
+    src = tmp_path / "default"
+    shutil.copytree(bundle, src)
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["name"] = "default"  # manifest.json itself is not hashed; the model files are
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "true"}
+    subprocess.run([sys.executable, "-c", f"from export.store import import_to_bentoml; import_to_bentoml({str(src)!r})"],
+                   cwd=ROOT, env=env, check=True, timeout=120)
+    out = subprocess.run([str(BENTOML), "build", "-o", "tag"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    tag = out.stdout.strip().splitlines()[-1].replace("__tag__:", "")
+    name, version = tag.split(":")
+    bento = tmp_path / "home" / "bentos" / name / version
+    meta = yaml.safe_load((bento / "bento.yaml").read_text())
+
+    assert meta["service"] == "service.service:ImgServe" and name == "imgserve"
+    assert [m["tag"] for m in meta["models"]] == [f"default:{manifest['version']}"], meta["models"]
+    assert {"name": "IMGSERVE_MODELS", "value": "store:default:latest"}.items() <= meta["envs"][0].items()
+    routes = {r["route"] for r in meta["schema"]["routes"]}
+    assert {"/classify", "/classify_batch"} <= routes, routes
+    files = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()}
+    assert {"service/service.py", "service/preprocess.py", "export/manifest.py"} <= files, files
+    assert not any(f.startswith(("tests/", "training/", "runs/", "bundles/", ".venv/")) for f in files), files
+
+    reqs = (bento / "env" / "python" / "requirements.txt").read_text().split()
+    for pin in ("bentoml==1.4.39", "pillow==", "numpy==", "onnxruntime-gpu=="):
+        assert any(r.startswith(pin) for r in reqs), f"{pin} not pinned in {reqs}"
+    assert not any(r.startswith("torch") for r in reqs), "the ONNX bento must not ship torch"
+
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "FROM nvidia/cuda:12" in dockerfile and "cudnn" in dockerfile, dockerfile[:600]
+    assert "EXPOSE 3000" in dockerfile and "ENTRYPOINT" in dockerfile
