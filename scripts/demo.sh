@@ -7,3 +7,10 @@ RUN=${RUN:-runs/default}
 echo "[demo] training the default model into $RUN"
 $PY -m training --model simple_cnn --dataset fashion-mnist --epochs 2 --out "$RUN"
 echo "[demo] checkpoint: $RUN/best.pt  report: $RUN/metrics.json and $RUN/*.png"
+BUNDLE=${BUNDLE:-bundles/default}
+echo "[demo] exporting $RUN/best.pt to the bundle $BUNDLE (and the BentoML model store, for bentoml build)"
+$PY -m export "$RUN/best.pt" --out "$BUNDLE" --force --bentoml
+echo "[demo] serving $BUNDLE on http://127.0.0.1:3000 (Swagger UI at /; Ctrl+C stops)"
+echo "[demo]   curl -F image=@photo.png http://127.0.0.1:3000/classify"
+export IMGSERVE_MODELS=${IMGSERVE_MODELS:-$BUNDLE} BENTOML_DO_NOT_TRACK=${BENTOML_DO_NOT_TRACK:-true}
+exec .venv/bin/bentoml serve service.service:ImgServe --host 127.0.0.1 --port "${PORT:-3000}"
