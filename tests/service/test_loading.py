@@ -1,0 +1,85 @@
+"""Loading without a server: config parsing, bundle integrity, backends agree."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.backends import create_backend, list_backends
+from service.bundle import BundleError, load_bundle
+from service.config import ConfigError, load_settings, parse_models
+
+
+def test_parse_models() -> None:
+    got = parse_models("bundles/default, r18=bundles/r18,store:default:latest,x=store:m:1")
+    assert [(m.name, m.location, m.store) for m in got] == [
+        (None, "bundles/default", False), ("r18", "bundles/r18", False), (None, "default:latest", True), ("x", "m:1", True)]
+
+
+@pytest.mark.parametrize("env,msg", [({"IMGSERVE_BACKEND": "tensorflow"}, "onnx, torchscript"),
+                                     ({"IMGSERVE_MAX_BATCH_SIZE": "lots"}, "not an integer"),
+                                     ({"IMGSERVE_BATCHER": "x"}, "bentoml, eager"),
+                                     ({"IMGSERVE_MODELS": ","}, "IMGSERVE_MODELS is empty")])
+def test_bad_settings_name_the_fix(env: dict, msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg):
+        load_settings(env)
+
+
+def test_settings_never_show_the_key() -> None:
+    assert "hunter2" not in repr(load_settings({"IMGSERVE_API_KEY": "hunter2"}))
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "b"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def test_tampered_file_is_refused(bundle: Path, tmp_path: Path) -> None:
+    b = _copy(bundle, tmp_path)
+    data = bytearray((b / "model.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (b / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256 of model.onnx"):
+        load_bundle(b).model_file("onnx", "fp32")
+
+
+@pytest.mark.parametrize("change,msg", [({"name": "../evil"}, "name|invalid manifest"),
+                                        ({"format": "other"}, "format|invalid manifest"),
+                                        ({"files": {"../model.onnx": {"sha256": "0", "bytes": 1, "kind": "onnx", "precision": "fp32"}}},
+                                         "path characters|invalid manifest")])
+def test_bad_manifest_is_refused(bundle: Path, tmp_path: Path, change: dict, msg: str) -> None:
+    b = _copy(bundle, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    m.update(change)
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=msg):
+        load_bundle(b).model_file("onnx", "fp32")
+
+
+def test_missing_bundle_names_the_command(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="python -m export"):
+        load_bundle(tmp_path / "nope")
+
+
+def test_missing_precision_lists_files(bundle: Path) -> None:
+    b = load_bundle(bundle)
+    if any(f.get("precision") == "int8" for f in b.manifest["files"].values()):
+        pytest.skip("this bundle has an INT8 file")
+    with pytest.raises(BundleError, match="no onnx/int8 model file.*--int8"):
+        b.model_file("onnx", "int8")
+
+
+@pytest.mark.parametrize("name", list_backends())
+def test_backends_agree_with_each_other(bundle: Path, name: str) -> None:
+    b = load_bundle(bundle)
+    kind = "onnx" if name == "onnx" else "torchscript"
+    be = create_backend(name, b.model_file(kind, "fp32"), threads=1, device="cpu")
+    ref = create_backend("onnx", b.model_file("onnx", "fp32"), threads=1, device="cpu")
+    x = np.random.default_rng(0).integers(0, 256, size=(5, 8, 8, 1), dtype=np.uint8)
+    out = be.run(x)
+    assert out.shape == (5, 10) and out.dtype == np.float32 and be.device == "cpu"
+    np.testing.assert_allclose(out, ref.run(x), atol=1e-4, rtol=1e-4, err_msg=f"{name} disagrees with onnx")
