@@ -1,0 +1,64 @@
+"""API key: with IMGSERVE_API_KEY set, the classify endpoints need `Authorization: Bearer KEY`
+(401 otherwise); health, metrics and docs stay open; the key never reaches the server's output."""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from conftest import API_KEY, AUTH
+from corpus import digit, encode
+
+PNG = encode(digit(), "PNG")
+WRONG = {
+    "none": {},
+    "wrong_key": {"Authorization": "Bearer not-the-key"},
+    "key_plus_suffix": {"Authorization": f"Bearer {API_KEY}x"},
+    "key_prefix_only": {"Authorization": f"Bearer {API_KEY[:-1]}"},
+    "no_bearer_word": {"Authorization": API_KEY},
+    "basic_scheme": {"Authorization": f"Basic {API_KEY}"},
+    "empty": {"Authorization": ""},
+    "key_in_other_header": {"X-Api-Key": API_KEY},
+}
+
+
+def _post(url: str, endpoint: str, headers: dict[str, str]) -> httpx.Response:
+    field = "image" if endpoint == "/classify" else "images"
+    return httpx.post(url + endpoint, files=[(field, ("d.png", PNG, "image/png"))], headers=headers, timeout=30)
+
+
+@pytest.mark.parametrize("endpoint", ["/classify", "/classify_batch"])
+@pytest.mark.parametrize("case", list(WRONG))
+def test_wrong_or_missing_key_is_401(api_server, endpoint: str, case: str) -> None:
+    r = _post(api_server.url, endpoint, WRONG[case])
+    assert r.status_code == 401, f"{case} on {endpoint}: {r.status_code} {r.text[:200]}"
+    assert "Authorization: Bearer" in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize("endpoint", ["/classify", "/classify_batch"])
+def test_right_key_is_200(api_server, endpoint: str) -> None:
+    r = _post(api_server.url, endpoint, AUTH)
+    assert r.status_code == 200, r.text
+
+
+def test_401_comes_before_parsing(api_server) -> None:
+    """An unauthenticated client cannot make the server parse its body: a bomb or a huge body is 401."""
+    r = httpx.post(api_server.url + "/classify", content=b"\0" * 2_000_000,
+                   headers={"content-type": "multipart/form-data; boundary=x"}, timeout=30)
+    assert r.status_code == 401, r.text
+
+
+@pytest.mark.parametrize("path", ["/livez", "/readyz", "/metrics", "/models", "/docs.json"])
+def test_health_metrics_docs_stay_open(api_server, path: str) -> None:
+    assert httpx.get(api_server.url + path, timeout=10).status_code == 200, path
+
+
+def test_key_never_in_output(api_server) -> None:
+    """Exercise success and every refusal, then grep the server's stdout/stderr and /metrics."""
+    for headers in [AUTH, *WRONG.values()]:
+        _post(api_server.url, "/classify", headers)
+    metrics = httpx.get(api_server.url + "/metrics", timeout=10).text
+    log = api_server.log.read_text(errors="replace")
+    assert API_KEY not in log, "the API key leaked into the server log"
+    assert API_KEY[:12] not in log, "part of the API key leaked into the server log"
+    assert API_KEY not in metrics, "the API key leaked into /metrics"
+    assert 'kind="unauthorized"' in metrics, "401s are not counted in imgserve_errors"
