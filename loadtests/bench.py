@@ -31,6 +31,7 @@ import shlex
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from loadtests.run import parse_duration
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "wrk_post.lua"
+SETTLE_S = 2.0
 
 
 # --- 1. the in-process limit ------------------------------------------------------------------
@@ -143,6 +145,12 @@ class WrkResult:
     @property
     def errors(self) -> int:
         return self.requests - self.ok + self.socket_errors
+
+    @property
+    def error_detail(self) -> str:
+        """Non-2xx answers by status and socket errors, e.g. '503:20 sock:3'."""
+        parts = [f"{s}:{n}" for s, n in sorted(self.statuses.items()) if not s.startswith("2")]
+        return " ".join(parts + ([f"sock:{self.socket_errors}"] if self.socket_errors else []))
 
     @property
     def cpu_ms_per_req(self) -> float | None:
@@ -245,6 +253,7 @@ def measure_server(server: servectl.Server, path: str, body_env: dict[str, str],
     url = server.url.rstrip("/") + path
     results = []
     for c in concs:
+        time.sleep(SETTLE_S)   # let the previous run's in-flight requests finish before reading the counters
         m0 = scrape(server.url) if metrics else ""
         cpu0 = servectl.cpu_seconds(server.pids())
         out = run_wrk(url, c, duration_s, body_env, method)
@@ -258,6 +267,14 @@ def measure_server(server: servectl.Server, path: str, body_env: dict[str, str],
                  f"mean batch {r.batch['mean']:.1f}" if r.batch.get("mean") else "")
         results.append(r)
     return results
+
+
+def wrk_table(title: str, results: list["WrkResult"]) -> str:
+    """Compact table of one series of wrk runs (used for the HTTP floor)."""
+    lines = [title, f"{'conc':>4} {'ok req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'CPU ms/req':>10}"]
+    lines += [f"{r.concurrency:>4} {r.ok_rps:>9.1f} {_f(r.p50_ms):>8} {_f(r.p99_ms):>8} {r.errors:>7} "
+              f"{_f(r.cpu_ms_per_req, '.2f'):>10}" for r in results]
+    return "\n".join(lines)
 
 
 # --- 3. report --------------------------------------------------------------------------------
@@ -295,7 +312,8 @@ def format_table(label: str, served: list[WrkResult], floor: list[WrkResult], in
             f"{r.concurrency:>4} {r.ok_rps:>9.1f} {_f(r.p50_ms):>8} {_f(r.p99_ms):>8} {r.errors:>7} "
             f"{_f(r.ok_rps / inproc.best.full_img_s if inproc else None, '.2f'):>8} {_f(f.ok_rps if f else None):>8} "
             f"{_f(r.ok_rps / f.ok_rps if f and f.ok_rps else None, '.2f'):>8} {_f(r.cpu_ms_per_req, '.2f'):>10} "
-            f"{_f(near.ort_cpu_ms_per_img if near else None, '.2f'):>10} {_f(r.batch.get('mean')):>7}  {shares}")
+            f"{_f(near.ort_cpu_ms_per_img if near else None, '.2f'):>10} {_f(r.batch.get('mean')):>7}  {shares}"
+            + (f"  errors: {r.error_detail}" if r.errors else ""))
     if served and inproc:
         best = max(served, key=lambda r: r.ok_rps)
         c1 = next((r for r in served if r.concurrency == 1), None)
@@ -309,6 +327,8 @@ def format_table(label: str, served: list[WrkResult], floor: list[WrkResult], in
             lines.append(f"server CPU {best.cpu_ms_per_req:.2f} ms/request at c={best.concurrency} vs onnxruntime "
                          f"{near.ort_cpu_ms_per_img:.2f} ms/img (batch {near.batch}): "
                          f"{best.cpu_ms_per_req - near.ort_cpu_ms_per_img:+.2f} core-ms per request")
+    if floor:
+        lines += ["", wrk_table("HTTP floor: GET /livez", floor)]
     if floor and served:
         bf = max(floor, key=lambda r: r.ok_rps)
         bs = max(served, key=lambda r: r.ok_rps)
@@ -363,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--inproc-secs", type=float, default=4.0, help="seconds per in-process point (4)")
     ap.add_argument("--no-inproc", action="store_true", help="skip the in-process measurement")
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads in-process (default: cores)")
-    ap.add_argument("--top-k", type=int, default=5, help="top_k form field sent with each request")
+    ap.add_argument("--top-k", type=int, default=None,
+                    help="top_k form field sent with each request (default: 5, or the bundle's class count if fewer; "
+                         "0: leave the field out)")
     ap.add_argument("--server-cmd", default=None, help="measure this server command instead of our service")
     ap.add_argument("--url", default=None, help="with --server-cmd: the URL to POST to (127.0.0.1)")
     ap.add_argument("--field", default="image", help="multipart file field (default image)")
@@ -412,7 +434,13 @@ def main(argv: list[str] | None = None) -> int:
         inproc = measure_inproc(a.bundle, a.precision, image, [int(b) for b in a.batches.split(",")],
                                 a.inproc_secs, threads)
 
-    form = {"top_k": str(a.top_k)} if a.top_k else {}
+    top_k = a.top_k
+    if top_k is None:
+        try:
+            top_k = min(5, int(json.loads((a.bundle / "manifest.json").read_text())["num_classes"]))
+        except (OSError, ValueError, KeyError):
+            top_k = 5
+    form = {"top_k": str(top_k)} if top_k else {}
     body, body_ctype = multipart(form, [(a.field, (fname, image, ctype))])
     (out / "body.bin").write_bytes(body)
     body_env = {"BODY_FILE": str(out / "body.bin"), "CONTENT_TYPE": body_ctype,
@@ -432,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     floor: list[WrkResult] = []
     with server.start():
         try:
-            took = _wait_answering(server, path, body_env) if a.server_cmd else server.wait_ready()
+            took = server.wait_ready() if not a.server_cmd else 0.0
+            took += _wait_answering(server, path, body_env, timeout_s=300 if a.server_cmd else 30)
         except RuntimeError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -457,21 +486,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _wait_answering(server: servectl.Server, path: str, body_env: dict[str, str], timeout_s: float = 300) -> float:
-    """For an external server: wait until a POST of the body answers 2xx."""
+    """Wait until a POST of the benchmark's body answers 2xx (a body the server refuses is an error, said once)."""
     body = Path(body_env["BODY_FILE"]).read_bytes()
-    t0 = time.monotonic()
+    headers = {"Content-Type": body_env["CONTENT_TYPE"]}
+    if body_env.get("API_KEY"):
+        headers["Authorization"] = "Bearer " + body_env["API_KEY"]
+    t0, last = time.monotonic(), "no answer"
     while time.monotonic() - t0 < timeout_s:
         if server.proc is not None and server.proc.poll() is not None:
             raise RuntimeError(f"server exited ({server.proc.returncode}); see {server.log_path}")
         try:
-            req = urllib.request.Request(server.url + path, data=body, headers={"Content-Type": body_env["CONTENT_TYPE"]})
+            req = urllib.request.Request(server.url + path, data=body, headers=headers)
             with urllib.request.urlopen(req, timeout=30) as r:
                 if 200 <= r.status < 300:
+                    log.info("first answer: %s", r.read()[:300].decode(errors="replace"))
                     return time.monotonic() - t0
-        except OSError:
-            pass
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code}: {e.read()[:300].decode(errors='replace')}"
+            if 400 <= e.code < 500:
+                raise RuntimeError(f"the server refuses the benchmark request: {last}") from None
+        except OSError as e:
+            last = str(e)
         time.sleep(1)
-    raise RuntimeError(f"{server.url}{path} gave no 2xx answer in {timeout_s:.0f} s")
+    raise RuntimeError(f"{server.url}{path} gave no 2xx answer in {timeout_s:.0f} s (last: {last})")
 
 
 if __name__ == "__main__":
