@@ -79,7 +79,8 @@ def checkpoint(trained_digits_run) -> Path:
 
 @pytest.fixture(scope="session")
 def bundle(checkpoint, tmp_path_factory) -> Path:
-    return make_bundle(checkpoint, tmp_path_factory.mktemp("svc-bundle") / "digits")
+    """FP32 + INT8 (export's gate passed) bundle of the digits model."""
+    return make_bundle(checkpoint, tmp_path_factory.mktemp("svc-bundle") / "digits", int8=True)
 
 
 MAIN_ENV = {"IMGSERVE_MAX_BODY_BYTES": "3000000", "IMGSERVE_MAX_PIXELS": "4000000", "IMGSERVE_MAX_IMAGES": "16"}

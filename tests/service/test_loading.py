@@ -66,11 +66,27 @@ def test_missing_bundle_names_the_command(tmp_path: Path) -> None:
 
 
 def test_missing_precision_lists_files(bundle: Path) -> None:
-    b = load_bundle(bundle)
-    if any(f.get("precision") == "int8" for f in b.manifest["files"].values()):
-        pytest.skip("this bundle has an INT8 file")
-    with pytest.raises(BundleError, match="no onnx/int8 model file.*--int8"):
-        b.model_file("onnx", "int8")
+    with pytest.raises(BundleError, match="no onnx/fp16 model file.*it has: onnx/fp32"):
+        load_bundle(bundle).model_file("onnx", "fp16")
+
+
+def test_int8_model_serves_the_same_classes(bundle: Path) -> None:
+    """IMGSERVE_PRECISION=int8 loads model.int8.onnx; its top-1 matches FP32 on held-out digits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.config import load_settings
+    from service.models import load_model
+    from svc_factory import digit_uploads, png_bytes
+
+    settings = load_settings({"IMGSERVE_MODELS": str(bundle), "IMGSERVE_PRECISION": "int8", "IMGSERVE_THREADS": "1"})
+    with ThreadPoolExecutor(1) as pool:
+        m8 = load_model(settings.models[0], settings, pool)
+        m32 = load_model(settings.models[0], load_settings({"IMGSERVE_MODELS": str(bundle), "IMGSERVE_THREADS": "1"}), pool)
+    assert m8.file.name != m32.file.name and m8.bundle.manifest["files"][m8.file.name]["precision"] == "int8"
+    imgs, labels = digit_uploads(100)
+    x = np.stack([m8.preprocessor(png_bytes(im)) for im in imgs])
+    agree = (m8.backend.run(x).argmax(1) == m32.backend.run(x).argmax(1)).mean()
+    assert agree >= 0.9, f"INT8 top-1 agrees with FP32 on only {agree:.0%} of held-out digits"
 
 
 @pytest.mark.parametrize("name", list_backends())
