@@ -140,3 +140,15 @@ def test_parse_duration():
     assert [parse_duration(t) for t in ("30s", "2m", "1h30m", "45")] == [30, 120, 5400, 45]
     with pytest.raises(argparse.ArgumentTypeError):
         parse_duration("30 seconds")
+
+
+def test_profile_aggregates_folded_stacks(tmp_path):
+    from loadtests.profile import aggregate
+
+    f = tmp_path / "raw.txt"
+    f.write_text("run (asyncio/base_events.py:1);Session.run (onnxruntime/capi/x.py:3) 6\n"
+                 "run (asyncio/base_events.py:1);ImageFile.load (PIL/ImageFile.py:425) 3\n"
+                 "run (asyncio/base_events.py:1);send (h11/_connection.py:9) 1\n")
+    stages, leaves, total = aggregate([f])
+    assert total == 10 and stages["onnxruntime run"] == 6 and stages["decode (PIL load)"] == 3, stages
+    assert stages["bentoml / http"] == 1 and leaves["Session.run (onnxruntime/capi/x.py:3)"] == 6
