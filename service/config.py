@@ -9,7 +9,7 @@
 | IMGSERVE_THREADS | cores | intra-op threads of the inference pool |
 | IMGSERVE_BATCHER | eager | eager (no wait; batches form while the model is busy) or bentoml (BentoML's CorkDispatcher) |
 | IMGSERVE_MAX_BATCH_SIZE | 32 | images per inference call |
-| IMGSERVE_MAX_LATENCY_MS | 5000 | admission bound: a request whose estimated queue wait exceeds it gets 503 + Retry-After |
+| IMGSERVE_MAX_LATENCY_MS | 10000 | admission bound: a request whose estimated queue wait exceeds it gets 503 + Retry-After |
 | IMGSERVE_MAX_QUEUE | 512 | images waiting for inference at most (then 503) |
 | IMGSERVE_MAX_BODY_BYTES | 20000000 | request body limit (413) |
 | IMGSERVE_MAX_PIXELS | 40000000 | pixels per image limit (413; decompression bombs) |
@@ -48,7 +48,7 @@ class Settings:
     threads: int = field(default_factory=cpu_count)
     batcher: str = "eager"
     max_batch_size: int = 32
-    max_latency_ms: int = 5000
+    max_latency_ms: int = 10000
     max_queue: int = 512
     max_body_bytes: int = 20_000_000
     max_pixels: int = 40_000_000
@@ -108,7 +108,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         threads=_int(env, "IMGSERVE_THREADS", cpu_count()),
         batcher=_choice(env, "IMGSERVE_BATCHER", "eager", tuple(list_batchers())),
         max_batch_size=_int(env, "IMGSERVE_MAX_BATCH_SIZE", 32, lo=2),
-        max_latency_ms=_int(env, "IMGSERVE_MAX_LATENCY_MS", 5000),
+        max_latency_ms=_int(env, "IMGSERVE_MAX_LATENCY_MS", 10000),
         max_queue=_int(env, "IMGSERVE_MAX_QUEUE", 512),
         max_body_bytes=_int(env, "IMGSERVE_MAX_BODY_BYTES", 20_000_000),
         max_pixels=_int(env, "IMGSERVE_MAX_PIXELS", 40_000_000),
