@@ -425,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.server_cmd and not (a.bundle / "manifest.json").is_file():
         raise SystemExit(f"{a.bundle} is not a bundle (no manifest.json); make one with `make serve` or python -m export")
 
+    load_start = os.getloadavg()
     threads = a.threads
     if threads is None:
         from service.backends import cpu_count
@@ -471,11 +472,15 @@ def main(argv: list[str] | None = None) -> int:
         if not a.no_floor and not a.server_cmd:
             floor = measure_server(server, "/livez", body_env, concs, a.floor_duration, method="GET", metrics=False)
         rss = servectl.rss_mib(server.pids())
+    load_end = os.getloadavg()
     table = format_table(label, served, floor, inproc)
+    table += (f"\nmachine load average (1 min) at start {load_start[0]:.1f}, at end {load_end[0]:.1f} on "
+              f"{os.cpu_count()} cores: other work competes for the CPU when it exceeds the core count")
     print(table)
     (out / "table.txt").write_text(table + "\n")
     result = {"label": label, "bundle": str(a.bundle), "precision": a.precision, "image": fname,
               "image_bytes": len(image), "server_rss_mib_end": rss,
+              "loadavg_start": load_start, "loadavg_end": load_end,
               "inproc": asdict(inproc) if inproc else None,
               "served": [dict(asdict(r), ok_rps=r.ok_rps, cpu_ms_per_req=r.cpu_ms_per_req) for r in served],
               "floor": [dict(asdict(r), ok_rps=r.ok_rps) for r in floor]}
