@@ -52,3 +52,22 @@ def test_bento_build(bundle: Path, tmp_path: Path) -> None:
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     assert "FROM nvidia/cuda:12" in dockerfile and "cudnn" in dockerfile, dockerfile[:600]
     assert "EXPOSE 3000" in dockerfile and "ENTRYPOINT" in dockerfile
+
+
+def test_serving_from_the_model_store(bundle: Path, tmp_path: Path) -> None:
+    """IMGSERVE_MODELS=store:TAG loads a bundle imported into the BentoML model store (hash-checked)."""
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "true",
+           "IMGSERVE_MODELS": "store:digits:latest,named=store:digits:1"}
+    code = (f"from export.store import import_to_bentoml; import_to_bentoml({str(bundle)!r})\n"
+            "from concurrent.futures import ThreadPoolExecutor\n"
+            "from service.config import load_settings\nfrom service.models import load_models\n"
+            "ms = load_models(load_settings(), ThreadPoolExecutor(1))\n"
+            "print(sorted(ms), [m.file.name for m in ms.values()])\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "['digits', 'named'] ['model.onnx', 'model.onnx']" in out.stdout, out.stdout
+    missing = subprocess.run([sys.executable, "-c", "from concurrent.futures import ThreadPoolExecutor\n"
+                              "from service.config import load_settings\nfrom service.models import load_models\n"
+                              "load_models(load_settings(), ThreadPoolExecutor(1))"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120, env={**env, "IMGSERVE_MODELS": "store:nothere:latest"})
+    assert missing.returncode != 0 and "not in the BentoML model store" in missing.stderr, missing.stderr[-500:]
