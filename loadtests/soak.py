@@ -278,15 +278,15 @@ def check(case: Case, r: Result) -> str:
 
 # -- the soak --------------------------------------------------------------------------------------
 def soak(url: str, server_pid: int, minutes: float, fraction: float, bad_share: float,
-         headers: dict[str, str] | None = None) -> dict:
+         headers: dict[str, str] | None = None, side: int = 256) -> dict:
     """Run the soak against a ready server; returns the summary dict (also printed)."""
     host, port = split_url(url)
-    good = good_cases(url, headers=headers)
+    good = good_cases(url, headers=headers, side=side)
     bad = bad_cases(good_png=_first_png(good[0].request), headers=headers)
     cap = capacity(host, port, lambda i: (good[i % len(good)].request, None), seconds=5.0)
     rate = max(1.0, cap * fraction)
     every_bad = max(2, round(1 / bad_share)) if bad_share > 0 else 0
-    print(f"capacity {cap:.1f} req/s (good inputs, closed loop of 8); soak at {rate:.1f} req/s "
+    print(f"capacity {cap:.1f} req/s ({side} px digit PNGs, closed loop of 8); soak at {rate:.1f} req/s "
           f"({fraction:.0%}) for {minutes:g} min, 1 request in {every_bad} bad", flush=True)
 
     def make(i: int) -> tuple[bytes, Case]:
@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=10.0, help="soak length (default 10)")
     p.add_argument("--fraction", type=float, default=0.7, help="share of the measured capacity to offer (0.7)")
     p.add_argument("--bad-share", type=float, default=0.1, help="share of bad inputs (0.1)")
+    p.add_argument("--side", type=int, default=256, help="side of the digit PNGs sent, px (256: ~2 ms decode)")
     p.add_argument("--api-key", help="send Authorization: Bearer KEY")
     p.add_argument("--log", default="loadtests/results/soak-server.log", help="server log with --bundle")
     args = p.parse_args(argv)
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         if not args.server_pid:
             p.error("--url needs --server-pid (the soak reports the worker's RSS)")
-        summary = soak(args.url, args.server_pid, args.minutes, args.fraction, args.bad_share, headers)
+        summary = soak(args.url, args.server_pid, args.minutes, args.fraction, args.bad_share, headers, args.side)
         return 1 if summary["unexpected"] else 0
     from loadtests.servectl import free_port, service_server
 
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     with service_server([args.bundle], port, Path(args.log), env) as srv:
         srv.start()
         srv.wait_ready()
-        summary = soak(srv.url, srv.pid, args.minutes, args.fraction, args.bad_share, headers)
+        summary = soak(srv.url, srv.pid, args.minutes, args.fraction, args.bad_share, headers, args.side)
     return 1 if summary["unexpected"] else 0
 
 
