@@ -1,34 +1,12 @@
-"""Fixtures for the reliability tests: the service tests' launcher (tests/service/conftest.py) reused
-for one shared server with an API key and small limits, plus helpers to reach its worker process.
-
-Requests go through ``loadtests.soak.fire`` (raw asyncio sockets): cheap on the client side, so
-on a 2-core box the server, not the client, is what saturates.
-"""
+"""Fixtures for the reliability tests (helpers in rel_server.py): the digits bundle, and one shared
+`bentoml serve` with an API key and small limits for bad inputs, fuzz, access, overload and crash."""
 from __future__ import annotations
 
-import asyncio
-import importlib.util
-import secrets
-import sys
 from pathlib import Path
 
 import pytest
 
-from loadtests.soak import Result, fire, split_url, worker_pids
-
-SERVICE_TESTS = Path(__file__).resolve().parents[1] / "service"
-if str(SERVICE_TESTS) not in sys.path:
-    sys.path.append(str(SERVICE_TESTS))  # svc_factory, which the service conftest imports
-_spec = importlib.util.spec_from_file_location("svc_conftest", SERVICE_TESTS / "conftest.py")
-svc = sys.modules["svc_conftest"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(svc)
-start_server, stop_server, Server = svc.start_server, svc.stop_server, svc.Server
-
-API_KEY = "relkey-" + secrets.token_hex(12)  # random: finding it in a log can only mean a leak
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-MAX_BODY, MAX_PIXELS, MAX_IMAGES = 3_000_000, 4_000_000, 16
-LIMITS = {"IMGSERVE_MAX_BODY_BYTES": str(MAX_BODY), "IMGSERVE_MAX_PIXELS": str(MAX_PIXELS),
-          "IMGSERVE_MAX_IMAGES": str(MAX_IMAGES), "IMGSERVE_MAX_LATENCY_MS": "1000"}
+from rel_server import server_env, start_server, stop_server
 
 
 @pytest.fixture(scope="session")
@@ -39,10 +17,6 @@ def rel_bundle(trained_digits_run, tmp_path_factory) -> Path:
     return make_bundle(trained_digits_run / "best.pt", tmp_path_factory.mktemp("rel-bundle") / "digits")
 
 
-def server_env(bundle: Path, **extra: str) -> dict[str, str]:
-    return {"IMGSERVE_MODELS": str(bundle), "IMGSERVE_API_KEY": API_KEY, **LIMITS, **extra}
-
-
 @pytest.fixture(scope="session")
 def api_server(rel_bundle, tmp_path_factory):
     """One `bentoml serve` for bad inputs, fuzz, access, overload and crash (which it survives)."""
@@ -50,17 +24,3 @@ def api_server(rel_bundle, tmp_path_factory):
     srv = start_server(server_env(rel_bundle), tmp / "serve.log", tmp / "bentoml_home")
     yield srv
     stop_server(srv)
-
-
-def send(server, request: bytes, timeout: float = 30.0) -> Result:
-    """One raw request to ``server``, answered or not."""
-    host, port = split_url(server.url)
-    return asyncio.run(fire(host, port, request, timeout))
-
-
-def the_worker(server) -> int:
-    """PID of the one BentoML worker (the process that runs the model)."""
-    pids = [p for p in worker_pids(server.proc.pid)
-            if b"_bentoml_impl.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    assert len(pids) == 1, f"expected one worker under pid {server.proc.pid}, found {pids}"
-    return pids[0]

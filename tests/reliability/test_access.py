@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from conftest import API_KEY, AUTH
-from corpus import digit, encode
+from rel_corpus import digit, encode
+from rel_server import API_KEY, AUTH
 
 PNG = encode(digit(), "PNG")
 WRONG = {

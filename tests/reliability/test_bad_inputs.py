@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import AUTH, MAX_BODY, MAX_IMAGES, send, the_worker
-from corpus import corpus, digit, encode, photo_jpeg
+from rel_corpus import corpus, digit, encode, photo_jpeg
+from rel_server import AUTH, MAX_BODY, MAX_IMAGES, send, the_worker
 from loadtests.soak import image_post, rss_kib
 
 CORPUS = {it.name: it for it in corpus(MAX_BODY, MAX_IMAGES, AUTH)}

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 
-from conftest import API_KEY, AUTH, the_worker
+from rel_server import API_KEY, AUTH, the_worker
 from loadtests.soak import check, closed_loop, good_cases, split_url
 
 RECOVERY_BOUND_S = 120  # generous: a fresh worker imports BentoML and warms the model on a busy box

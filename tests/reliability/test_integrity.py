@@ -18,8 +18,8 @@ from typing import Callable
 import httpx
 import pytest
 
-from conftest import AUTH, server_env, start_server
-from corpus import digit, encode
+from rel_corpus import digit, encode
+from rel_server import AUTH, server_env, start_server
 
 
 def _manifest(b: Path, edit: Callable[[dict], None]) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections import Counter
 
-from conftest import AUTH
+from rel_server import AUTH
 from loadtests.soak import capacity, check, closed_loop, good_cases, open_loop, pct, split_url
 
 OVERLOAD = 4.0

@@ -9,7 +9,7 @@ import threading
 import time
 from collections import Counter
 
-from conftest import AUTH, server_env, start_server, stop_server
+from rel_server import AUTH, server_env, start_server, stop_server
 from loadtests.soak import check, closed_loop, good_cases, split_url, worker_pids
 
 EXIT_BOUND_S = 90
