@@ -420,6 +420,7 @@ def _fit(s: _Setup, t_start: float) -> Path:
     history: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     start_epoch, best_val, best_epoch = 1, -1.0, 0
+    prior_wall = 0.0  # wall time of the sessions before a --resume
     best_state = _cpu_state(net)
     if s.resume_ckpt is not None:
         r = s.resume_ckpt
@@ -434,6 +435,7 @@ def _fit(s: _Setup, t_start: float) -> Path:
         events = list(r.get("metrics", {}).get("unfreeze_events", []))
         start_epoch, best_val = r["epoch"] + 1, float(r.get("best_val_acc", -1.0))
         best_epoch = int(r.get("metrics", {}).get("best_epoch", r["epoch"]))
+        prior_wall = float(r.get("metrics", {}).get("wall_time_total_s", sum(h.get("time_s", 0) for h in history)))
         best_pt = Path(cfg.resume).parent / "best.pt"
         if best_pt.is_file():
             best_state = load_checkpoint(best_pt)["state_dict"]
@@ -471,7 +473,8 @@ def _fit(s: _Setup, t_start: float) -> Path:
         improved = row["val_acc"] > best_val
         if improved:
             best_val, best_epoch, best_state = row["val_acc"], epoch, _cpu_state(net)
-        metrics = {"history": history, "best_epoch": best_epoch, "best_val_acc": best_val, "unfreeze_events": events}
+        metrics = {"history": history, "best_epoch": best_epoch, "best_val_acc": best_val, "unfreeze_events": events,
+                   "wall_time_total_s": round(prior_wall + time.time() - t_start, 1)}
         if ctx.is_main:
             log.info("epoch %3d/%-3d | train loss %7.4f acc %6.2f%% | val loss %7.4f acc %6.2f%% | lr %.2e | %6.1fs%s",
                      epoch, cfg.epochs, row["train_loss"], 100 * row["train_acc"], row["val_loss"],
@@ -483,13 +486,13 @@ def _fit(s: _Setup, t_start: float) -> Path:
         dist.barrier(ctx)
 
     if ctx.is_main:
-        _finish(s, best_state, best_epoch, best_val, history, events, t_start, device, amp)
+        _finish(s, best_state, best_epoch, best_val, history, events, t_start, prior_wall, device, amp)
     dist.barrier(ctx)
     return s.run_dir
 
 
 def _finish(s: _Setup, best_state: dict, best_epoch: int, best_val: float, history: list, events: list,
-            t_start: float, device: torch.device, amp: bool) -> None:
+            t_start: float, prior_wall: float, device: torch.device, amp: bool) -> None:
     """Rank 0: evaluate the best weights on test, write metrics/config/reports, update the checkpoints."""
     from training import reports  # matplotlib is only needed here
 
@@ -511,7 +514,8 @@ def _finish(s: _Setup, best_state: dict, best_epoch: int, best_val: float, histo
         "unfreeze_events": events, "pretrained": s.pretrained_report,
         "num_params": sum(p.numel() for p in net.parameters()),
         "sizes": splits.info.get("sizes"), "device": str(device),
-        "wall_time_s": round(time.time() - t_start, 1),
+        "wall_time_s": round(time.time() - t_start, 1),                     # this invocation
+        "wall_time_total_s": round(prior_wall + time.time() - t_start, 1),  # all sessions of the run
     }
     (s.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     # Both checkpoints carry the final metrics (export copies them into the bundle manifest).
@@ -524,6 +528,6 @@ def _finish(s: _Setup, best_state: dict, best_epoch: int, best_val: float, histo
     else:
         save_checkpoint(s.run_dir / "last.pt", _checkpoint(s, last_state, epoch, best_val, metrics))
     reports.write_reports(s.run_dir, net, metrics, splits, preds, targets)
-    log.info("test loss %.4f acc %.2f%% (best epoch %d, val acc %.2f%%) | wall %.1fs | %s",
+    log.info("test loss %.4f acc %.2f%% (best epoch %d, val acc %.2f%%) | wall %.1fs (run total %.1fs) | %s",
              metrics["test_loss"], 100 * metrics["test_acc"], best_epoch, 100 * best_val,
-             metrics["wall_time_s"], s.run_dir)
+             metrics["wall_time_s"], metrics["wall_time_total_s"], s.run_dir)
