@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> Path:
     ax_loss.set(title="loss", xlabel="epoch", ylabel="cross entropy")
     ax_acc.set(title="accuracy", xlabel="epoch", ylabel="%")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
