@@ -186,12 +186,16 @@ def parse_wrk(out: str, concurrency: int) -> WrkResult:
                      _ms(pct["99"]) if "99" in pct else None, sock)
 
 
-def scrape(url: str) -> str:
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=10) as r:
-            return r.read().decode()
-    except OSError:
-        return ""
+def scrape(url: str, tries: int = 3) -> str:
+    """GET /metrics text ("" when it cannot be read: the table then shows no batch sizes)."""
+    for i in range(tries):
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=30) as r:
+                return r.read().decode()
+        except OSError as e:   # a busy server may answer slowly right after a run
+            log.warning("GET /metrics failed (%s)%s", e, "; retrying" if i + 1 < tries else "")
+            time.sleep(1)
+    return ""
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$")
