@@ -137,6 +137,8 @@ async def closed_loop(host: str, port: int, make: Callable[[int], tuple[bytes, o
                 return
             req, tag = make(i)
             out.append(await fire(host, port, req, timeout, tag))
+            if out[-1].status is None:
+                await asyncio.sleep(0.01)  # refused or reset: do not spin on a server that is down
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
     return out
