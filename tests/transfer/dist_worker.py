@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from training.distributed import (broadcast_object, cleanup, init_distributed, make_sampler, reduce_sums,
-                                  set_epoch, unwrap, wrap_model)
+                                  rewrap, set_epoch, unwrap, wrap_model)
 
 
 def main() -> None:
@@ -30,10 +30,24 @@ def main() -> None:
         model(torch.randn(8, 4) + ctx.rank).sum().backward()
         opt.step()
         weights = unwrap(model).weight.detach().flatten().tolist()
+        # Gradual unfreezing under DDP: freeze, wrap, step, unfreeze, re-wrap, step; replicas must agree.
+        torch.manual_seed(ctx.rank)
+        net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        net[0].requires_grad_(False)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        model = wrap_model(net, ctx)
+        for step in range(3):
+            if step == 1:
+                net[0].requires_grad_(True)
+                model = rewrap(model, ctx)
+            opt.zero_grad()
+            model(torch.randn(8, 4) + ctx.rank).pow(2).sum().backward()
+            opt.step()
+        rewrapped = [p.detach().flatten().tolist() for p in net.parameters()]
         print(json.dumps({"rank": ctx.rank, "world": ctx.world_size, "backend": ctx.backend,
                           "is_main": ctx.is_main, "epoch0": epoch0, "epoch1": epoch1, "eval": eval_shard,
                           "sums": sums, "run_dir": run_dir, "weights": weights,
-                          "wrapped": type(model).__name__}), flush=True)
+                          "wrapped": type(model).__name__, "rewrapped": rewrapped}), flush=True)
     finally:
         cleanup(ctx)
 

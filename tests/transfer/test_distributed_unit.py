@@ -48,3 +48,4 @@ def test_gloo_two_processes(bounded):
     assert r0["sums"] == r1["sums"] == [11.0, 55.0, 1.0]
     assert r0["run_dir"] == r1["run_dir"] == "run-from-rank-0"
     assert r0["weights"] == pytest.approx(r1["weights"], abs=0), "DDP replicas diverged"
+    assert r0["rewrapped"] == r1["rewrapped"], "replicas diverged after unfreezing and re-wrapping"
