@@ -29,6 +29,8 @@ def ort_session(path: str | Path, provider: str = "CPUExecutionProvider", thread
     """An onnxruntime session pinned to ``provider`` (raises if it silently fell back to another)."""
     import onnxruntime as ort
 
+    if provider == "CUDAExecutionProvider" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # use the CUDA/cuDNN libraries that came with torch's wheels
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:

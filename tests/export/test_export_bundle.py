@@ -132,3 +132,33 @@ def test_manifest_module_does_not_import_torch():
     code = ("import sys, export.manifest; bad = [m for m in ('torch', 'onnx', 'training', 'numpy') if m in sys.modules];"
             " assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def _with_dataset(src: Path, dst: Path, dataset: dict) -> Path:
+    from training.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(src)
+    ckpt["dataset"] = dataset
+    return save_checkpoint(dst, {k: v for k, v in ckpt.items() if k not in ("format", "format_version", "versions")})
+
+
+def test_samples_dir_and_random_fallback(digits_checkpoint, tmp_path, caplog):
+    """--samples DIR (class subfolders -> labels) wins; an unreachable dataset falls back to random, loudly."""
+    from PIL import Image
+
+    ds = get_dataset("digits").test
+    for i in range(12):
+        img, label = ds[i]
+        (tmp_path / "imgs" / str(label)).mkdir(parents=True, exist_ok=True)
+        img.resize((24, 24)).convert("RGB").save(tmp_path / "imgs" / str(label) / f"{i}.png")  # resized + RGB on purpose
+    out = export_bundle(digits_checkpoint, tmp_path / "from_dir", samples=10, samples_dir=str(tmp_path / "imgs"))
+    assert load_manifest(out)["parity"]["sample_source"] == f"directory {tmp_path / 'imgs'}"
+
+    lost = _with_dataset(digits_checkpoint, tmp_path / "lost" / "best.pt", {"name": "no-such-dataset"})
+    with caplog.at_level("WARNING"):
+        out = export_bundle(lost, tmp_path / "random", samples=4)
+    assert load_manifest(out)["parity"]["sample_source"].startswith("random uint8")
+    assert "random pixels" in caplog.text
+    with pytest.raises(ExportError, match="labelled real samples"):
+        export_bundle(lost, tmp_path / "int8", samples=4, int8=True)
+    assert not (tmp_path / "int8").exists()

@@ -18,6 +18,7 @@ from training.transforms import make_preprocess
 
 # ResNets at 32 px RGB with their ImageNet stem (small_stem=False): 1 px at layer4 keeps them fast
 BIG = {name for name in list_models() if name.startswith("resnet")}
+SLOW = {"resnet34", "resnet50", "resnet101", "resnet152"}
 
 
 def _calibrate_bn(model: torch.nn.Module, channels: int, size: int) -> None:
@@ -50,7 +51,8 @@ def make_checkpoint(path, arch: str):
     })
 
 
-@pytest.mark.parametrize("arch", list_models())
+# the deep ResNets take 20-60 s each on 2 cores (mostly first-call overheads of 100+ layers), hence "slow"
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in SLOW else a for a in list_models()])
 def test_every_model_exports_and_passes_gate(arch, tmp_path):
     ckpt = make_checkpoint(tmp_path / arch / "best.pt", arch)
     out = export_bundle(ckpt, tmp_path / "bundle", samples=4)
