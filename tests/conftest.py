@@ -15,6 +15,12 @@ DIGITS_RUN_FLAGS = dict(model="simple_cnn", dataset="digits", epochs=12, batch_s
 
 
 @pytest.fixture(scope="session")
+def digits_run_flags() -> dict:
+    """The TrainConfig fields ``trained_digits_run`` was trained with (tests cannot import conftest)."""
+    return dict(DIGITS_RUN_FLAGS)
+
+
+@pytest.fixture(scope="session")
 def trained_digits_run(tmp_path_factory) -> Path:
     """Run directory of a finished digits run: best.pt, last.pt, metrics.json, config.json, PNGs."""
     from training.train import TrainConfig, train

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
 from training.cli import main
 
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--dataset", "digits", "--model", "mlp", "--limit", "60", "--batch-size", "32", "--threads", "1",
         "--no-progress"]
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import DIGITS_RUN_FLAGS
 from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
 from training.datasets import get_dataset_from_info
 from training.train import TrainConfig, TrainError, train
@@ -21,16 +20,16 @@ TINY = TrainConfig(model="mlp", dataset="digits", epochs=3, batch_size=32, lr=3e
                    device="cpu", threads=1, progress=False)
 
 
-def test_digits_run_reaches_90_percent(trained_digits_run: Path):
+def test_digits_run_reaches_90_percent(trained_digits_run: Path, digits_run_flags: dict):
     m = json.loads((trained_digits_run / "metrics.json").read_text())
     assert m["test_acc"] >= 0.90, f"digits test accuracy {m['test_acc']:.3f} < 0.90"
-    assert [h["epoch"] for h in m["history"]] == list(range(1, DIGITS_RUN_FLAGS["epochs"] + 1))
+    assert [h["epoch"] for h in m["history"]] == list(range(1, digits_run_flags["epochs"] + 1))
     assert set(m["per_class_acc"]) == {str(d) for d in range(10)}
     assert sum(map(sum, m["confusion_matrix"])) == m["sizes"]["test"]
     for name in ("best.pt", "last.pt", "metrics.json", "config.json", *REPORTS):
         assert (trained_digits_run / name).stat().st_size > 0, f"{name} missing"
     cfg = json.loads((trained_digits_run / "config.json").read_text())
-    assert cfg["image_size"] == 8 and cfg["channels"] == 1 and cfg["lr"] == DIGITS_RUN_FLAGS["lr"]
+    assert cfg["image_size"] == 8 and cfg["channels"] == 1 and cfg["lr"] == digits_run_flags["lr"]
 
 
 def test_checkpoint_contract_and_eval_pipeline(trained_digits_run: Path):
