@@ -277,7 +277,9 @@ def _run_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer, scale
     """Train one epoch; returns this rank's (loss sum, correct, seen)."""
     loss_sum = correct = seen = 0.0
     bar = tqdm(loader, desc=desc, leave=False, disable=None if progress else True, dynamic_ncols=True)
-    for x, y in bar:
+    # No terminal (nohup, CI logs): tqdm is off, so log a line at each quarter of the epoch instead.
+    quarter = max(1, -(-len(loader) // 4)) if progress and bar.disable else 0
+    for i, (x, y) in enumerate(bar, 1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
             logits = model(x)                       # (B, num_classes)
@@ -291,6 +293,8 @@ def _run_epoch(model: nn.Module, loader: DataLoader, criterion, optimizer, scale
         correct += (logits.argmax(1) == y).sum().item()
         seen += n
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
+        if quarter and i % quarter == 0 and i < len(loader):
+            log.info("%s: batch %d/%d, loss %.4f, acc %.2f%%", desc, i, len(loader), loss_sum / seen, 100 * correct / seen)
     return loss_sum, correct, seen
 
 
