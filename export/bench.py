@@ -5,7 +5,9 @@
 Rows: each ONNX file of the bundle (FP32, INT8; FP16 only with --include-fp16) fed uint8 NHWC, and,
 when the source checkpoint is readable, the same model exported with a float NCHW input, timed
 (a) on pre-normalised input ("graph only") and (b) including the NumPy uint8 -> normalised float
-NCHW conversion a service would then do per batch ("+ numpy prep"). Configurations are timed in
+NCHW conversion a service would then do per batch ("+ numpy prep"); and that conversion alone,
+in the graph vs in NumPy ("prep only"), whose difference is too small to see in whole-model rows.
+Configurations are timed in
 interleaved rounds and the median round is reported, so a busy machine biases them all alike.
 This prints figures; it asserts nothing.
 """
@@ -58,6 +60,23 @@ def _export_float(manifest: dict, tmp: Path) -> Path | None:
     return path
 
 
+def _prep_session(c: int, mean: np.ndarray, std: np.ndarray, threads: int):
+    """Only the folded preprocessing (Transpose, Cast, Mul, Add) as an ONNX graph: isolates its cost."""
+    import onnxruntime as ort
+    from onnx import TensorProto as TP, helper as h, numpy_helper as nh
+
+    nodes = [h.make_node("Transpose", ["image"], ["t"], perm=[0, 3, 1, 2]), h.make_node("Cast", ["t"], ["f"], to=TP.FLOAT),
+             h.make_node("Mul", ["f", "scale"], ["m"]), h.make_node("Add", ["m", "shift"], ["x"])]
+    graph = h.make_graph(nodes, "prep", [h.make_tensor_value_info("image", TP.UINT8, ["N", None, None, c])],
+                         [h.make_tensor_value_info("x", TP.FLOAT, None)],
+                         [nh.from_array((1.0 / (255.0 * std)).astype(np.float32), "scale"),
+                          nh.from_array((-mean / std).astype(np.float32), "shift")])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)], ir_version=10)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
 def _timed(fn: Callable[[], object], seconds: float) -> float:
     """Calls per second of ``fn`` over about ``seconds`` (after one warm-up call)."""
     fn()
@@ -80,12 +99,15 @@ def bench(bundle: Path, batch_sizes: list[int], rounds: int, seconds: float, thr
     with tempfile.TemporaryDirectory() as tmp:
         files = [f for f, e in manifest["files"].items() if e["kind"] == "onnx" and (include_fp16 or e["precision"] != "fp16")]
         sessions = {f: _session(bundle / f, threads) for f in files}
-        fsess = None
+        fsess, psess = None, _prep_session(c, mean, std, threads)
         if float_baseline:
             fpath = _export_float(manifest, Path(tmp))
             fsess = _session(fpath, threads) if fpath else None
         for b in batch_sizes:
             x = rng.integers(0, 256, size=(b, h, h, c), dtype=np.uint8)
+            configs[("prep only: in graph (ORT)", b)] = lambda x=x: psess.run(["x"], {"image": x})
+            configs[("prep only: numpy", b)] = lambda x=x: (
+                (x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
             for f, s in sessions.items():
                 configs[(f"{f} (uint8 NHWC)", b)] = lambda s=s, x=x: s.run(["logits"], {"image": x})
             if fsess is not None:
