@@ -133,6 +133,7 @@ class WrkResult:
     socket_errors: int
     cpu_s: float = 0.0                                   # server CPU time over the run (all its processes)
     batch: dict[str, float] = field(default_factory=dict)  # from /metrics: mean and shares
+    stages_ms: dict[str, float] = field(default_factory=dict)  # from /metrics: mean ms of each timed stage
 
     @property
     def ok(self) -> int:
@@ -248,6 +249,22 @@ def batch_stats(before: str, after: str, family: str = "imgserve_batch_size") ->
     return stats
 
 
+# The service's own timers (service/metrics.py): mean milliseconds per observation over a run.
+STAGE_FAMILIES = {"queue": "imgserve_queue_seconds", "preprocess": "imgserve_preprocess_seconds",
+                  "inference_per_batch": "imgserve_inference_seconds"}
+
+
+def stage_means(before: str, after: str) -> dict[str, float]:
+    """Mean ms per observation of each timed stage between two scrapes (stages the service lacks are left out)."""
+    out = {}
+    for key, fam in STAGE_FAMILIES.items():
+        h0, h1 = histogram(before, fam), histogram(after, fam)
+        n = h1.get("_count", 0.0) - h0.get("_count", 0.0)
+        if n > 0:
+            out[key] = (h1.get("_sum", 0.0) - h0.get("_sum", 0.0)) / n * 1e3
+    return out
+
+
 def run_wrk(url: str, concurrency: int, duration_s: int, env: dict[str, str], method: str = "POST") -> str:
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{duration_s}s", "--latency", "--timeout", "30s", "-s", str(LUA), url]
     p = subprocess.run(cmd, env={**os.environ, **env, "METHOD": method}, capture_output=True, text=True,
@@ -272,6 +289,7 @@ def measure_server(server: servectl.Server, path: str, body_env: dict[str, str],
         r = parse_wrk(out, c)
         r.cpu_s = cpu1 - cpu0
         r.batch = batch_stats(m0, m1) if metrics else {}
+        r.stages_ms = stage_means(m0, m1) if metrics else {}
         log.info("%s %s c=%-3d %7.1f ok req/s  p50 %7.1f ms  p99 %7.1f ms  errors %d  %s", method, path, c,
                  r.ok_rps, r.p50_ms or 0, r.p99_ms or 0, r.errors,
                  f"mean batch {r.batch['mean']:.1f}" if r.batch.get("mean") else "")
@@ -337,6 +355,14 @@ def format_table(label: str, served: list[WrkResult], floor: list[WrkResult], in
             lines.append(f"server CPU {best.cpu_ms_per_ok:.2f} ms per 2xx request at c={best.concurrency} vs onnxruntime "
                          f"{near.ort_cpu_ms_per_img:.2f} ms/img (batch {near.batch}): "
                          f"{best.cpu_ms_per_ok - near.ort_cpu_ms_per_img:+.2f} core-ms per request")
+    if any(r.stages_ms for r in served):
+        lines += ["", "service timers from /metrics (mean ms): " + ", ".join(STAGE_FAMILIES),
+                  f"{'conc':>4} {'queue':>9} {'preprocess':>11} {'infer/batch':>12} {'infer/img':>10}"]
+        for r in served:
+            st, mb = r.stages_ms, r.batch.get("mean")
+            per_img = st["inference_per_batch"] / mb if "inference_per_batch" in st and mb else None
+            lines.append(f"{r.concurrency:>4} {_f(st.get('queue'), '.2f'):>9} {_f(st.get('preprocess'), '.2f'):>11} "
+                         f"{_f(st.get('inference_per_batch'), '.2f'):>12} {_f(per_img, '.2f'):>10}")
     if floor:
         lines += ["", wrk_table("HTTP floor: GET /livez", floor)]
     if floor and served:

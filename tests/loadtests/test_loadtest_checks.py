@@ -152,3 +152,11 @@ def test_profile_aggregates_folded_stacks(tmp_path):
     stages, leaves, total = aggregate([f])
     assert total == 10 and stages["onnxruntime run"] == 6 and stages["decode (PIL load)"] == 3, stages
     assert stages["bentoml / http"] == 1 and leaves["Session.run (onnxruntime/capi/x.py:3)"] == 6
+
+
+def test_stage_means_from_prometheus_text():
+    from loadtests.bench import stage_means
+
+    before = 'imgserve_preprocess_seconds_sum{model="m"} 1.0\nimgserve_preprocess_seconds_count{model="m"} 100\n'
+    after = 'imgserve_preprocess_seconds_sum{model="m"} 1.5\nimgserve_preprocess_seconds_count{model="m"} 200\n'
+    assert stage_means(before, after) == {"preprocess": 5.0}
