@@ -283,6 +283,6 @@ def export_bundle(checkpoint: str | os.PathLike, out: str | os.PathLike, options
     if opts.bentoml:
         from export.store import import_to_bentoml
 
-        tag = import_to_bentoml(out)
+        tag = import_to_bentoml(out, replace=opts.force)
         echo(f"BentoML model store: {tag}")
     return out
