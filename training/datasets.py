@@ -30,6 +30,8 @@ STATS_SAMPLE = 5000                     # images used to estimate mean/std
 FOLDER_STATS_SAMPLE = 300               # fewer for folders: each is a file decode
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# MNIST's 10k test set ships with the repository (data/mnist, CC BY-SA 3.0), so every clone has real MNIST.
+MNIST_DIR = Path(__file__).resolve().parents[1] / "data" / "mnist"
 CACHE_DIR = Path(os.environ.get("IMGSERVE_DATA", Path.home() / ".cache" / "imgserve"))
 
 
@@ -295,12 +297,12 @@ def _fashion_mnist(data_dir: Path | None, download: bool, seed: int) -> DataSpli
                          f"official train/test; val = seeded stratified {VAL_FRACTION:.0%} of train", hflip=True)
 
 
-@register_dataset("mnist", description="MNIST idx files from --data-dir (train+t10k, or t10k alone split 70/15/15)")
+@register_dataset("mnist", description="MNIST idx files (default: the repo's data/mnist 10k test set, split "
+                                       "70/15/15; --data-dir for others, train+t10k or one set)")
 def _mnist(data_dir: Path | None, download: bool, seed: int) -> DataSplits:
     hint = ("pass --data-dir DIR holding MNIST idx files: t10k-images-idx3-ubyte.gz and "
             "t10k-labels-idx1-ubyte.gz (and optionally train-*)")
-    if data_dir is None:
-        raise DatasetError(f"mnist needs its files: {hint}")
+    data_dir = data_dir or MNIST_DIR
     train, test = _idx_pair(data_dir, "train"), _idx_pair(data_dir, "t10k")
     classes = [str(d) for d in range(10)]
     if train is not None and test is not None:

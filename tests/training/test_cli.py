@@ -25,7 +25,7 @@ def _error_line(capsys) -> str:
     (["--model", "resnet9000"], "valid models: "),
     (["--dataset", "imagenet-21k"], "valid datasets: "),
     (["--dataset", "fashion-mnist", "--data-dir", "{tmp}/none"], "apt-get install dataset-fashion-mnist"),
-    (["--dataset", "mnist"], "--data-dir"),
+    (["--dataset", "mnist", "--data-dir", "{tmp}/none"], "--data-dir"),
     (["--dataset", "cifar10", "--data-dir", "{tmp}/none"], "--download"),
     (["--image-size", "4", *TINY], "too small"),
     (["--resume", "{tmp}/garbage.pt", *TINY], "not a loadable checkpoint"),
