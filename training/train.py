@@ -234,8 +234,8 @@ def _prepare(cfg: TrainConfig) -> _Setup:
         raise TrainError(f"--channels must be 1 or 3, got {channels}")
     image_size = resolve_image_size(cfg, splits, cfg.model)
     cfg = replace(cfg, channels=channels, image_size=image_size,
-                       lr=cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer],
-                       hflip=splits.hflip if cfg.hflip is None else cfg.hflip, head=list(cfg.head))
+                  lr=cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer],
+                  hflip=splits.hflip if cfg.hflip is None else cfg.hflip, head=list(cfg.head))
     preprocess = resolve_preprocess(splits, channels, image_size)
     model_kwargs = {"num_classes": splits.num_classes, "in_channels": channels, "input_size": image_size,
                     "head": list(cfg.head), "dropout": cfg.dropout}
@@ -377,7 +377,12 @@ def train(cfg: TrainConfig) -> Path:
     try:
         try:
             s = _prepare(cfg)
-        except ValueError as e:
+        except BaseException as e:
+            # under torchrun the process group may already exist: leave it before reporting
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            if not isinstance(e, ValueError):
+                raise
             if type(e) is ValueError:  # e.g. build_model's or transfer's argument checks: still a user error
                 raise TrainError(str(e)) from None
             raise
