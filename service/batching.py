@@ -106,11 +106,11 @@ class _Base:
         Counting admitted (not only queued) images makes the refusal happen at the door, before the
         CPU is spent on decoding work that would be thrown away.
         """
-        wait = self.estimated_wait(n)
-        if self.in_flight + n > self.max_queue or wait > self.max_latency_s:
+        try:
+            self.check(n)
+        except Overloaded:
             metrics.ERRORS.labels(kind="overloaded").inc()
-            raise Overloaded(f"overloaded: {self.in_flight} images (about {wait:.2f} s of work) are in flight for "
-                             f"model {self.model!r}; retry later", _retry_after(max(wait - self.max_latency_s, 0.5)))
+            raise
         if self.in_flight == 0:
             self._busy_since = time.perf_counter()
         self.in_flight += n
@@ -119,6 +119,13 @@ class _Base:
         finally:
             self.in_flight -= n
             self._finished(n)
+
+    def check(self, n: int = 1) -> None:
+        """Raise Overloaded when ``n`` more images cannot be served in time; admits and counts nothing."""
+        wait = self.estimated_wait(n)
+        if self.in_flight + n > self.max_queue or wait > self.max_latency_s:
+            raise Overloaded(f"overloaded: {self.in_flight} images (about {wait:.2f} s of work) are in flight for "
+                             f"model {self.model!r}; retry later", _retry_after(max(wait - self.max_latency_s, 0.5)))
 
     def _finished(self, n: int) -> None:
         """Busy time per finished image, averaged over >= 16 images or 0.25 s (batches end together)."""
