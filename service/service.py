@@ -65,6 +65,19 @@ class GuardMiddleware:
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             metrics.ERRORS.labels(kind="body_too_large").inc()
             return await self._too_large(scope, receive, send)
+        shed = _shed_early()
+        if shed is not None:
+            # Every model is over its latency budget: refuse before BentoML parses the form, the
+            # costliest part of a refusal. The body is drained first (it is within the size limit):
+            # closing on an unread body resets the connection and the client would lose the 503.
+            seen = 0
+            while True:
+                msg = await receive()
+                seen += len(msg.get("body", b""))
+                if not msg.get("more_body") or seen > self.max_body:
+                    break
+            metrics.ERRORS.labels(kind="overloaded").inc()
+            return await error_response(str(shed), 503, retry_after=shed.retry_after)(scope, receive, send)
         seen = 0
 
         async def limited_receive() -> dict:
@@ -230,6 +243,23 @@ class ImgServe:
                                   "results": [{"predictions": p} for p in preds]})
 
         return await self._answer(run())
+
+
+def _shed_early() -> Overloaded | None:
+    """The refusal when every served model would refuse one more image now, else None."""
+    try:
+        models = bentoml.get_current_service().models
+    except Exception:  # not started yet (or shutting down): let the request through
+        return None
+    refusal = None
+    for m in models.values():
+        try:
+            m.batcher.check(1)
+        except Overloaded as e:
+            refusal = refusal or e
+        else:
+            return None
+    return refusal
 
 
 def _stop_supervisor(reason: str) -> None:
