@@ -108,7 +108,12 @@ async def fire(host: str, port: int, request: bytes, timeout: float = 30.0, tag:
                     k, v = h.split(":", 1)
                     res.headers[k.strip().lower()] = v.strip()
             n = res.headers.get("content-length")
-            res.body = await (reader.readexactly(int(n)) if n is not None else reader.read())
+            if n is not None:
+                res.body = await reader.readexactly(int(n))
+            elif res.headers.get("transfer-encoding", "").lower() == "chunked":
+                res.body = await _read_chunked(reader)
+            else:
+                res.body = await reader.read()
     except TimeoutError:
         res.error = "timeout"
     except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
@@ -118,6 +123,18 @@ async def fire(host: str, port: int, request: bytes, timeout: float = 30.0, tag:
             writer.close()
     res.latency = time.perf_counter() - t0
     return res
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    """Body of a chunked answer; a connection that dies before the last chunk raises
+    IncompleteReadError, so a truncated answer counts as no answer, not as a wrong body."""
+    parts = []
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")  # end of (empty) trailers
+            return b"".join(parts)
+        parts.append((await reader.readexactly(size + 2))[:-2])
 
 
 async def closed_loop(host: str, port: int, make: Callable[[int], tuple[bytes, object]], concurrency: int,
@@ -271,7 +288,7 @@ def check(case: Case, r: Result) -> str:
     try:
         body = r.json()
     except ValueError:
-        return "body is not JSON"
+        return f"body is not JSON (status {r.status}: {r.body[:80]!r})"
     if case.status != 200:
         return "" if isinstance(body.get("error"), str) else "no error message"
     got = body["predictions"][0]["label"]
