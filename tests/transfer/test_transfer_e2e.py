@@ -1,9 +1,10 @@
 """End to end through ``training.train.train`` (the CLI's function) and the CLI itself.
 
-A ResNet-18 (small stem, 1 channel, 8 px) is pretrained briefly on a Fashion-MNIST subset, then
-fine-tuned on scikit-learn digits with each freezing policy; a torchrun run with 2 CPU processes is
-compared with a single-process run. Sizes are tiny on purpose: the point is the mechanics, checked
-bit for bit, and real accuracies printed for the record.
+A ResNet-18 (small stem, 1 channel, 8 px) is pretrained briefly on 1000 MNIST digits (the repo's
+data/mnist), then fine-tuned on scikit-learn digits with each freezing policy; a torchrun run with 2
+CPU processes is compared with a single-process run. Sizes are tiny on purpose: the point is the
+mechanics, checked bit for bit, and one transfer claim with real accuracies: with only 50 labelled
+digits, a frozen MNIST backbone plus a trained head beats the same network trained from scratch.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from training.checkpoint import build_from_checkpoint, load_checkpoint
-from training.datasets import FASHION_MNIST_DIR, get_dataset
+from training.datasets import MNIST_DIR, get_dataset
 from training.models import build_model
 from training.train import TrainConfig, train
 from training.transforms import eval_transform
@@ -25,26 +26,23 @@ from training.transforms import eval_transform
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(model="resnet18", image_size=8, batch_size=16, augment=False, device="cpu", progress=False, seed=0,
             scheduler="none")
-# Digits fine-tuning runs: same data, epochs and batches for every policy ("equal small budget").
-DIGITS = dict(TINY, dataset="digits", limit=150, epochs=1)
-
-
-def _fashion_available() -> bool:
-    return all((Path(FASHION_MNIST_DIR) / f).is_file()
-               for f in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))
+# Digits fine-tuning with few labels (50 images: 5 per class, 6 epochs of batch 16); the scratch
+# comparison uses the same data, epochs and batches ("equal small budget").
+DIGITS = dict(TINY, dataset="digits", limit=50, epochs=6)
+HEAD_LR = 1e-2       # a linear head on frozen features takes a larger step than a whole network
+SCRATCH_LR = 3e-4    # scratch's best of {3e-4, 1e-3} in the measurements (README, transfer subsection)
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
-    """best.pt of a ResNet-18 pretrained on 200 Fashion-MNIST images (1 epoch, 8x8, grayscale)."""
-    if not _fashion_available():
-        pytest.skip(f"Fashion-MNIST not in {FASHION_MNIST_DIR}: `sudo apt-get install dataset-fashion-mnist`")
+    """best.pt of a ResNet-18 pretrained on 1000 MNIST digits (2 epochs, 8x8, grayscale)."""
+    if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST not in {MNIST_DIR} (the repository's data/mnist; a wheel install lacks it)")
     out = tmp_path_factory.mktemp("transfer") / "pretrain"
-    run = train(TrainConfig(**dict(TINY, dataset="fashion-mnist", limit=200, epochs=1, batch_size=32), out=str(out)))
+    run = train(TrainConfig(**dict(TINY, dataset="mnist", limit=1000, epochs=2, batch_size=32), out=str(out)))
     acc = json.loads((run / "metrics.json").read_text())["test_acc"]
-    print(f"\npretrain resnet18 on fashion-mnist (200 images, 8 px, 1 epoch): test acc {acc:.4f}")
-    assert acc > 0.3, f"pretraining did not learn (test acc {acc:.3f}, chance 0.1)"
+    print(f"\npretrain resnet18 on mnist (1000 images, 8 px, 2 epochs): test acc {acc:.4f}")
+    assert acc > 0.5, f"pretraining did not learn (test acc {acc:.3f}, chance 0.1)"
     return run / "best.pt"
 
 
@@ -65,9 +63,9 @@ def _acc(run: Path) -> float:
 
 @pytest.fixture(scope="module")
 def frozen_run(pretrained, tmp_path_factory) -> Path:
-    """Digits fine-tune of the pretrained ResNet-18 with --freeze backbone (the head at lr 1e-2)."""
+    """Digits fine-tune of the pretrained ResNet-18 with --freeze backbone (the head at HEAD_LR)."""
     out = tmp_path_factory.mktemp("transfer") / "ft"
-    return train(TrainConfig(**DIGITS, lr=1e-2, pretrained=str(pretrained), freeze="backbone", out=str(out)))
+    return train(TrainConfig(**DIGITS, lr=HEAD_LR, pretrained=str(pretrained), freeze="backbone", out=str(out)))
 
 
 def test_freeze_backbone_keeps_backbone_bit_identical(pretrained, frozen_run):
@@ -86,25 +84,25 @@ def test_freeze_backbone_keeps_backbone_bit_identical(pretrained, frozen_run):
 
 
 def test_dense_head_with_dropout_on_frozen_backbone(pretrained, tmp_path):
-    run = train(TrainConfig(**dict(DIGITS, limit=60), lr=1e-2, pretrained=str(pretrained), freeze="backbone",
+    run = train(TrainConfig(**dict(DIGITS, limit=60, epochs=1), lr=1e-2, pretrained=str(pretrained), freeze="backbone",
                             head=[32], dropout=0.3, out=str(tmp_path / "dense")))
     before, after = _state(pretrained), _state(run / "best.pt")
     assert {k for k in after if k.startswith("fc.")} == {"fc.0.weight", "fc.0.bias", "fc.3.weight", "fc.3.bias"}
     assert all(torch.equal(before[k], after[k]) for k in after if not k.startswith("fc."))
 
 
-@pytest.mark.xfail(strict=False, reason="measured on this project: features pretrained on a small Fashion-MNIST "
-                   "subset at 8 px do not beat a ResNet-18 trained from scratch on digits at equal budget")
 def test_frozen_fine_tune_beats_scratch_at_equal_budget(frozen_run, tmp_path):
     ft = frozen_run
-    scratch = train(TrainConfig(**DIGITS, lr=1e-3, out=str(tmp_path / "scratch")))
+    scratch = train(TrainConfig(**DIGITS, lr=SCRATCH_LR, out=str(tmp_path / "scratch")))
     a_ft, a_sc = _acc(ft), _acc(scratch)
-    print(f"\ndigits, 150 images, 1 epoch: fine-tuned (frozen backbone) {a_ft:.4f} vs from scratch {a_sc:.4f}")
-    assert a_ft > a_sc, f"fine-tuned {a_ft:.4f} does not beat scratch {a_sc:.4f}"
+    print(f"\ndigits, 50 images, 6 epochs: fine-tuned (frozen MNIST backbone) {a_ft:.4f} vs from scratch {a_sc:.4f}")
+    # Measured margins at seeds 0/1/2: +20, +20, +14 points (README); 0.1 keeps this from being a coin flip.
+    assert a_ft > a_sc + 0.1, f"fine-tuned {a_ft:.4f} does not clearly beat scratch {a_sc:.4f} (wanted > +0.10)"
 
 
 def test_unfreeze_from_changes_exactly_that_param_and_after(pretrained, tmp_path):
-    run = train(TrainConfig(**dict(DIGITS, limit=60), pretrained=str(pretrained), unfreeze_from="layer4.0.conv1",
+    run = train(TrainConfig(**dict(DIGITS, limit=60, epochs=1), pretrained=str(pretrained),
+                            unfreeze_from="layer4.0.conv1",
                             out=str(tmp_path / "from")))
     before, after = _state(pretrained), _state(run / "best.pt")
     names = [n for n, _ in build_model("resnet18", num_classes=10, in_channels=1, input_size=8).named_parameters()]
