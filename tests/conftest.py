@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MNIST_DIR = Path("/work/shared/data/mnist")   # only on the development machine; tests skip without it
 
 # A small CNN on digits: about 15 s on a busy 2-core machine and well above 90 % test accuracy.
 DIGITS_RUN_FLAGS = dict(model="simple_cnn", dataset="digits", epochs=12, batch_size=32, optimizer="adam",
