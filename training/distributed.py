@@ -16,6 +16,7 @@ Rules the training loop follows:
 from __future__ import annotations
 
 import logging
+import sys
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sized
@@ -176,7 +177,16 @@ def barrier(ctx: DistContext) -> None:
 def cleanup(ctx: DistContext) -> None:
     """Leave the process group (call in a ``finally``)."""
     if ctx.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+        # Every rank reaches this point before any tears gloo down: a rank that destroys the group
+        # while its peer still has collectives in flight makes the peer abort ("terminate called
+        # without an active exception", seen once in CI).
+        # On the error path (an exception is propagating) a barrier could wait forever for ranks
+        # that are busy elsewhere, so only a clean exit synchronises.
+        try:
+            if sys.exc_info()[0] is None:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 __all__ = ["DistContext", "init_distributed", "wrap_model", "rewrap", "unwrap", "make_sampler", "set_epoch",

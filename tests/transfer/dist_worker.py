@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from training.distributed import (broadcast_object, cleanup, init_distributed, make_sampler, reduce_sums,
@@ -44,10 +45,14 @@ def main() -> None:
             model(torch.randn(8, 4) + ctx.rank).pow(2).sum().backward()
             opt.step()
         rewrapped = [p.detach().flatten().tolist() for p in net.parameters()]
-        print(json.dumps({"rank": ctx.rank, "world": ctx.world_size, "backend": ctx.backend,
+        row = json.dumps({"rank": ctx.rank, "world": ctx.world_size, "backend": ctx.backend,
                           "is_main": ctx.is_main, "epoch0": epoch0, "epoch1": epoch1, "eval": eval_shard,
                           "sums": sums, "run_dir": run_dir, "weights": weights,
-                          "wrapped": type(model).__name__, "rewrapped": rewrapped}), flush=True)
+                          "wrapped": type(model).__name__, "rewrapped": rewrapped})
+        for turn in range(ctx.world_size):  # one rank at a time: lines written together interleave
+            if turn == ctx.rank:
+                print(row, flush=True)
+            dist.barrier()
     finally:
         cleanup(ctx)
 
