@@ -16,8 +16,8 @@ Rules the training loop follows:
 from __future__ import annotations
 
 import logging
-import sys
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Sized
 
