@@ -8,11 +8,14 @@
    in img/s, with onnxruntime's CPU time per image.
 2. Starts the service (`bentoml serve`, its own session on a free 127.0.0.1 port) and drives it with
    wrk (Debian's; `wrk_post.lua` posts one prebuilt multipart body and counts answers by status) at
-   each concurrency for a bounded time; also GET /livez at the same concurrencies (the HTTP floor:
-   what the framework alone can answer). Around each run it reads /metrics (batch sizes formed) and
-   the CPU counters of every process of the service (/proc/PID/stat).
+   each concurrency for a bounded time. Two HTTP floors at the same concurrencies: the same POST
+   to ``loadtests/floor_service.py`` (our service's HTTP stack, guard and multipart parsing, which
+   answers without decoding or a model: the trivial endpoint, what any model could be served at
+   through this stack) and GET /livez on the service itself (BentoML's cheapest route). Around each
+   run it reads /metrics (batch sizes formed) and the CPU counters of every process of the service
+   (/proc/PID/stat).
 3. Prints a table (req/s counting 2xx only, p50, p99, errors, mean batch and batch-size shares,
-   ratio served / in-process limit, ratio served / HTTP floor, server CPU ms per request next to
+   ratio served / in-process limit, ratio served / trivial-endpoint floor, server CPU ms per request next to
    onnxruntime's CPU ms per image) and saves bench.json, table.txt and a PNG plot of throughput and
    latency against concurrency into loadtests/results/bench-RUN/.
 
@@ -317,7 +320,8 @@ def _ort_cpu_near(inproc: Inproc | None, batch: float | None) -> InprocRow | Non
     return min(inproc.rows, key=lambda r: abs(np.log(r.batch) - np.log(max(b, 1.0))))
 
 
-def format_table(label: str, served: list[WrkResult], floor: list[WrkResult], inproc: Inproc | None) -> str:
+def format_table(label: str, served: list[WrkResult], floor: list[WrkResult], inproc: Inproc | None,
+                 livez: list[WrkResult] = ()) -> str:
     lines = [f"== {label}"]
     if inproc:
         best = inproc.best
@@ -363,17 +367,24 @@ def format_table(label: str, served: list[WrkResult], floor: list[WrkResult], in
             per_img = st["inference_per_batch"] / mb if "inference_per_batch" in st and mb else None
             lines.append(f"{r.concurrency:>4} {_f(st.get('queue'), '.2f'):>9} {_f(st.get('preprocess'), '.2f'):>11} "
                          f"{_f(st.get('inference_per_batch'), '.2f'):>12} {_f(per_img, '.2f'):>10}")
-    if floor:
-        lines += ["", wrk_table("HTTP floor: GET /livez", floor)]
-    if floor and served:
-        bf = max(floor, key=lambda r: r.ok_rps)
-        bs = max(served, key=lambda r: r.ok_rps)
-        lines.append(f"HTTP floor (GET /livez) best {bf.ok_rps:.1f} req/s (c={bf.concurrency}); served best / floor best "
-                     f"= {bs.ok_rps / bf.ok_rps:.2f}" if bf.ok_rps else "HTTP floor: no 2xx answers")
+    for title, series in ((FLOOR_TITLE, floor), (LIVEZ_TITLE, livez)):
+        if not series:
+            continue
+        lines += ["", wrk_table(f"HTTP floor: {title}", series)]
+        if served:
+            bf = max(series, key=lambda r: r.ok_rps)
+            bs = max(served, key=lambda r: r.ok_rps)
+            lines.append(f"HTTP floor ({title}) best {bf.ok_rps:.1f} req/s (c={bf.concurrency}); served best / floor best "
+                         f"= {bs.ok_rps / bf.ok_rps:.2f}" if bf.ok_rps else "HTTP floor: no 2xx answers")
     return "\n".join(lines)
 
 
-def plot(path: Path, label: str, served: list[WrkResult], floor: list[WrkResult], inproc: Inproc | None) -> None:
+FLOOR_TITLE = "same POST to the no-model floor service"
+LIVEZ_TITLE = "GET /livez"
+
+
+def plot(path: Path, label: str, served: list[WrkResult], floor: list[WrkResult], inproc: Inproc | None,
+         livez: list[WrkResult] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -382,8 +393,9 @@ def plot(path: Path, label: str, served: list[WrkResult], floor: list[WrkResult]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     cs = [r.concurrency for r in served]
     a1.plot(cs, [r.ok_rps for r in served], "o-", label="served (2xx req/s)")
-    if floor:
-        a1.plot([r.concurrency for r in floor], [r.ok_rps for r in floor], "s--", label="HTTP floor (GET /livez)")
+    for series, style, title in ((floor, "s--", FLOOR_TITLE), (livez, "d:", LIVEZ_TITLE)):
+        if series:
+            a1.plot([r.concurrency for r in series], [r.ok_rps for r in series], style, label=f"HTTP floor ({title})")
     if inproc:
         a1.axhline(inproc.best.full_img_s, color="k", ls=":", label=f"in-process limit (batch {inproc.best.batch})")
     a1.set(xscale="log", xlabel="concurrent connections", ylabel="requests/s", title="throughput")
@@ -413,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--concurrency", default="1,8,32,64", help="comma list (default 1,8,32,64)")
     ap.add_argument("--duration", type=parse_duration, default=parse_duration("20s"), help="per concurrency (20s)")
     ap.add_argument("--floor-duration", type=parse_duration, default=parse_duration("10s"),
-                    help="per concurrency for the GET /livez floor (10s)")
+                    help="per concurrency for each HTTP floor (10s)")
     ap.add_argument("--no-floor", action="store_true", help="skip the HTTP-floor runs")
     ap.add_argument("--batches", default="1,2,4,8,16,32", help="in-process batch sizes")
     ap.add_argument("--inproc-secs", type=float, default=4.0, help="seconds per in-process point (4)")
@@ -495,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         path = "/classify"
     served: list[WrkResult] = []
     floor: list[WrkResult] = []
+    livez: list[WrkResult] = []
     with server.start():
         try:
             took = server.wait_ready() if not a.server_cmd else 0.0
@@ -506,10 +519,12 @@ def main(argv: list[str] | None = None) -> int:
         run_wrk(server.url.rstrip("/") + path, 8, 5, body_env)   # warm-up, not counted
         served = measure_server(server, path, body_env, concs, a.duration, metrics=not a.server_cmd)
         if not a.no_floor and not a.server_cmd:
-            floor = measure_server(server, "/livez", body_env, concs, a.floor_duration, method="GET", metrics=False)
+            livez = measure_server(server, "/livez", body_env, concs, a.floor_duration, method="GET", metrics=False)
         rss = servectl.rss_mib(server.pids())
+    if not a.no_floor and not a.server_cmd:
+        floor = measure_floor_service(out, body_env, concs, a.floor_duration, extra)
     load_end = os.getloadavg()
-    table = format_table(label, served, floor, inproc)
+    table = format_table(label, served, floor, inproc, livez)
     table += (f"\nmachine load average (1 min) at start {load_start[0]:.1f}, at end {load_end[0]:.1f} on "
               f"{os.cpu_count()} cores: other work competes for the CPU when it exceeds the core count")
     print(table)
@@ -520,11 +535,23 @@ def main(argv: list[str] | None = None) -> int:
               "inproc": asdict(inproc) if inproc else None,
               "served": [dict(asdict(r), ok_rps=r.ok_rps, cpu_ms_per_req=r.cpu_ms_per_req, cpu_ms_per_ok=r.cpu_ms_per_ok)
                          for r in served],
-              "floor": [dict(asdict(r), ok_rps=r.ok_rps) for r in floor]}
+              "floor": [dict(asdict(r), ok_rps=r.ok_rps, cpu_ms_per_req=r.cpu_ms_per_req) for r in floor],
+              "livez": [dict(asdict(r), ok_rps=r.ok_rps, cpu_ms_per_req=r.cpu_ms_per_req) for r in livez]}
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(out / "bench.png", label, served, floor, inproc)
+    plot(out / "bench.png", label, served, floor, inproc, livez)
     print(f"\nresults: {out} (table.txt, bench.json, bench.png, server.log)")
     return 0
+
+
+def measure_floor_service(out: Path, body_env: dict[str, str], concs: list[int], duration_s: int,
+                          extra_env: dict[str, str]) -> list[WrkResult]:
+    """The same POST against loadtests/floor_service.py (started and stopped here)."""
+    server = servectl.floor_server(servectl.free_port(), out / "floor-server.log", extra_env)
+    with server.start():
+        server.wait_ready()
+        _wait_answering(server, "/classify", body_env, timeout_s=30)
+        run_wrk(server.url + "/classify", 8, 3, body_env)  # warm-up, not counted
+        return measure_server(server, "/classify", body_env, concs, duration_s, metrics=False)
 
 
 def _wait_answering(server: servectl.Server, path: str, body_env: dict[str, str], timeout_s: float = 300) -> float:

@@ -200,3 +200,10 @@ def service_server(bundles: list[str], port: int, log_path: Path, extra_env: dic
     cmd = [bentoml, "serve", "service.service:ImgServe", "--host", "127.0.0.1", "--port", str(port)]
     env = {BUNDLES_ENV: ",".join(str(Path(b).resolve()) for b in bundles), **(extra_env or {})}
     return Server(cmd, f"http://127.0.0.1:{port}", log_path, env)
+
+
+def floor_server(port: int, log_path: Path, extra_env: dict[str, str] | None = None) -> Server:
+    """loadtests/floor_service.py on 127.0.0.1:port: our HTTP stack answering without a model."""
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    cmd = [bentoml, "serve", "loadtests.floor_service:Floor", "--host", "127.0.0.1", "--port", str(port)]
+    return Server(cmd, f"http://127.0.0.1:{port}", log_path, dict(extra_env or {}))

@@ -8,7 +8,7 @@
 | IMGSERVE_DEVICE | auto | auto (GPU when present), cpu or cuda |
 | IMGSERVE_THREADS | cores | intra-op threads of the inference pool |
 | IMGSERVE_BATCHER | eager | eager (no wait; batches form while the model is busy) or bentoml (BentoML's CorkDispatcher) |
-| IMGSERVE_INLINE_MAX_MS | 5 | run a model on the event loop (no thread hop) when its largest batch took at most this long at warm-up; 0: never |
+| IMGSERVE_SMALL_MODEL_MS | 5 | a model whose largest batch took at most this long at warm-up runs its batches on the event loop (no thread hand-off) with one intra-op thread (unless IMGSERVE_THREADS is set); 0: never |
 | IMGSERVE_MAX_BATCH_SIZE | 32 | images per inference call |
 | IMGSERVE_MAX_LATENCY_MS | 10000 | admission bound: a request whose estimated queue wait exceeds it gets 503 + Retry-After |
 | IMGSERVE_MAX_QUEUE | 512 | images waiting for inference at most (then 503) |
@@ -47,8 +47,9 @@ class Settings:
     precision: str = "fp32"
     device: str = "auto"
     threads: int = field(default_factory=cpu_count)
+    threads_explicit: bool = False  # IMGSERVE_THREADS was given: keep it for small models too
     batcher: str = "eager"
-    inline_max_ms: int = 5
+    small_model_ms: int = 5
     max_batch_size: int = 32
     max_latency_ms: int = 10000
     max_queue: int = 512
@@ -108,8 +109,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         precision=_choice(env, "IMGSERVE_PRECISION", "fp32", ("fp32", "int8", "fp16")),
         device=_choice(env, "IMGSERVE_DEVICE", "auto", ("auto", "cpu", "cuda")),
         threads=_int(env, "IMGSERVE_THREADS", cpu_count()),
+        threads_explicit=bool(env.get("IMGSERVE_THREADS")),
         batcher=_choice(env, "IMGSERVE_BATCHER", "eager", tuple(list_batchers())),
-        inline_max_ms=_int(env, "IMGSERVE_INLINE_MAX_MS", 5, lo=0),
+        small_model_ms=_int(env, "IMGSERVE_SMALL_MODEL_MS", 5, lo=0),
         max_batch_size=_int(env, "IMGSERVE_MAX_BATCH_SIZE", 32, lo=2),
         max_latency_ms=_int(env, "IMGSERVE_MAX_LATENCY_MS", 10000),
         max_queue=_int(env, "IMGSERVE_MAX_QUEUE", 512),

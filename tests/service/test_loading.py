@@ -99,3 +99,33 @@ def test_backends_agree_with_each_other(bundle: Path, name: str) -> None:
     out = be.run(x)
     assert out.shape == (5, 10) and out.dtype == np.float32 and be.device == "cpu"
     np.testing.assert_allclose(out, ref.run(x), atol=1e-4, rtol=1e-4, err_msg=f"{name} disagrees with onnx")
+
+
+@pytest.mark.parametrize("env, inline, threads", [
+    ({}, True, 1),                                   # tiny digits CNN: batches on the loop, one thread
+    ({"IMGSERVE_THREADS": "2"}, True, 2),            # an explicit thread count is kept
+    ({"IMGSERVE_SMALL_MODEL_MS": "0"}, False, None),  # tuning off: the inference thread, a thread per core
+])
+def test_small_models_run_on_the_event_loop_with_one_thread(bundle: Path, env: dict, inline: bool,
+                                                             threads: int | None, monkeypatch) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import service.models as models
+    from service.config import load_settings
+
+    monkeypatch.setattr(models, "create_backend", _recording(models.create_backend))
+    settings = load_settings({"IMGSERVE_MODELS": str(bundle), **env})
+    threads = threads or settings.threads
+    with ThreadPoolExecutor(1) as pool:
+        (m,) = models.load_models(settings, pool).values()
+    assert m.batcher.inline is inline
+    assert m.backend_threads == threads == _recording.last_threads
+    x = np.zeros((3, *m.preprocessor.shape), np.uint8)
+    assert m.batcher.run(x).shape == (3, len(m.class_names))
+
+
+def _recording(create):
+    def wrapped(*a, **kw):
+        _recording.last_threads = kw["threads"]
+        return create(*a, **kw)
+    return wrapped
