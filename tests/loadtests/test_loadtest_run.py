@@ -81,3 +81,24 @@ def test_batch_stats_from_prometheus_text():
     st = batch_stats(text(5, 5, 5, 5, 5, 5), text(7, 9, 10, 10, 5 + 2 + 4 * 2 + 3 * 1, 10))
     assert st["batches"] == 5 and abs(st["mean"] - 13 / 5) < 1e-9, st
     assert st["share_batches_1"] == 2 / 5 and st["share_batches_2"] == 2 / 5 and st["share_batches_3-4"] == 1 / 5, st
+
+
+def test_floor_service_answers_like_the_service_without_a_model(tmp_path):
+    """The benchmark's trivial endpoint: the service's form handling, then a fixed answer."""
+    import urllib.request
+
+    from loadtests import servectl
+    from loadtests.floor_service import ANSWER
+    from loadtests.payloads import digit_pngs, multipart
+
+    png = digit_pngs(1)[0]
+    body, ctype = multipart({"top_k": "5"}, [("image", (png.filename, png.data, "image/png"))])
+    server = servectl.floor_server(servectl.free_port(), tmp_path / "floor.log")
+    with server.start():
+        server.wait_ready(timeout_s=120)
+        req = urllib.request.Request(server.url + "/classify", data=body, headers={"Content-Type": ctype})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200 and json.loads(r.read()) == ANSWER
+        pids = server.pids()
+        assert pids, "the floor server runs in its own processes, stopped by PID"
+    assert not [p for p in pids if servectl._alive(p)], "stopped with everything it started"
