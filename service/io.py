@@ -142,8 +142,8 @@ async def _read_parts(request: Request, file_field: str, max_files: int) -> list
                     parts.append((_utf8(segment.name), _utf8(segment.filename), segment.content_type, b"".join(chunks)))
                 else:
                     chunks.append(event)
-    except multipart.ParserLimitReached as e:
-        raise BadFieldError(BadField(f"malformed multipart body: {e}", 413, "too_many_files")) from None
+    except multipart.ParserLimitReached as e:  # part headers too long or too many (files and fields are counted above)
+        raise BadFieldError(BadField(f"multipart form over a limit: {e}", 413, "form_too_large")) from None
     except multipart.MultipartError as e:
         raise BadFieldError(BadField(f"malformed multipart body: {e}", 400, "bad_multipart")) from None
     return parts

@@ -112,3 +112,10 @@ def test_non_utf8_file_name_is_replaced_not_refused():
             b'Content-Type: image/png\r\n\r\nDATA\r\n--b--\r\n')
     got = _parse(body, "multipart/form-data; boundary=b")
     assert got.images == [Upload("\ufffd\ufffd.png", "image/png", b"DATA")]
+
+
+def test_oversized_part_headers_are_413_and_named():
+    body = (b'--b\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\nX-Pad: ' + b"x" * 5000
+            + b"\r\n\r\nDATA\r\n--b--\r\n")
+    bad = _refusal(_parse(body, "multipart/form-data; boundary=b"))
+    assert (bad.status, bad.kind) == (413, "form_too_large") and "header" in bad.message
