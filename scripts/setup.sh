@@ -11,10 +11,12 @@ as_root() {
   else echo "[setup] need root for: $* (run it yourself, then re-run)" >&2; return 1; fi
 }
 
-# System packages: Fashion-MNIST (the default demo data) and wrk (the benchmark's load generator).
+# System packages: Fashion-MNIST (the default demo data), wrk (the benchmark's load generator), haproxy.
 need_apt=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need_apt+=(dataset-fashion-mnist)
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+# HAProxy: the load balancer of the local replicas (make replicas, tests/deploy).
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
   as_root apt-get update -qq || true
