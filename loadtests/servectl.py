@@ -1,6 +1,7 @@
 """Start a server on a free loopback port, wait until it is ready, read its CPU counters, stop it by PID.
 
-Used by `loadtests.run --start-service` and `loadtests.bench`. The server runs in its own session
+The one way this repository starts `bentoml serve`: the tests (``start_service``), `loadtests.run
+--start-service`, `loadtests.bench`, `loadtests.soak` and `loadtests.profile`. The server runs in its own session
 (setsid); every process it forks (descendants, same session or group) is found for CPU accounting
 and stopped by PID afterwards; nothing is ever killed by name.
 """
@@ -165,6 +166,10 @@ class Server:
         self.proc.wait(timeout=10)
         log.info("server stopped (pid %d)", self.pid)
 
+    def log_tail(self, n: int = 40) -> str:
+        """The last n lines of the server's log."""
+        return tail(self.log_path, n)
+
     def __enter__(self) -> "Server":
         return self
 
@@ -191,19 +196,41 @@ def tail(path: Path, n: int = 15) -> str:
         return ""
 
 
+SERVICE = "service.service:ImgServe"
+FLOOR = "loadtests.floor_service:Floor"
+
+
+def bentoml_serve(target: str, port: int, log_path: Path, env: dict[str, str] | None = None) -> Server:
+    """`bentoml serve TARGET` on 127.0.0.1:port from the repository root (not started yet)."""
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    cmd = [bentoml, "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+    return Server(cmd, f"http://127.0.0.1:{port}", log_path, {"BENTOML_DO_NOT_TRACK": "true", **(env or {})})
+
+
 def service_server(bundles: list[str], port: int, log_path: Path, extra_env: dict[str, str] | None = None) -> Server:
     """Our BentoML service serving these bundle directories on 127.0.0.1:port (not started yet)."""
     for b in bundles:
         if not (Path(b) / "manifest.json").is_file():
             raise SystemExit(f"{b} is not a bundle (no manifest.json); make one with: python -m export CHECKPOINT --out DIR")
-    bentoml = str(Path(sys.executable).with_name("bentoml"))
-    cmd = [bentoml, "serve", "service.service:ImgServe", "--host", "127.0.0.1", "--port", str(port)]
     env = {BUNDLES_ENV: ",".join(str(Path(b).resolve()) for b in bundles), **(extra_env or {})}
-    return Server(cmd, f"http://127.0.0.1:{port}", log_path, env)
+    return bentoml_serve(SERVICE, port, log_path, env)
 
 
 def floor_server(port: int, log_path: Path, extra_env: dict[str, str] | None = None) -> Server:
     """loadtests/floor_service.py on 127.0.0.1:port: our HTTP stack answering without a model."""
-    bentoml = str(Path(sys.executable).with_name("bentoml"))
-    cmd = [bentoml, "serve", "loadtests.floor_service:Floor", "--host", "127.0.0.1", "--port", str(port)]
-    return Server(cmd, f"http://127.0.0.1:{port}", log_path, dict(extra_env or {}))
+    return bentoml_serve(FLOOR, port, log_path, extra_env)
+
+
+def start_service(env: dict[str, str], log_path: Path, home: Path | None = None, timeout_s: float = 150.0) -> Server:
+    """Our service with this environment (IMGSERVE_MODELS and any other IMGSERVE_*, taken as given, a
+    broken spec included) on a free port, started and ready. ``home``: a private BENTOML_HOME, so a
+    test never touches the user's model store. Raises RuntimeError (after stopping it) when the
+    server exits or is not ready in time."""
+    server = bentoml_serve(SERVICE, free_port(), log_path, {**({"BENTOML_HOME": str(home)} if home else {}), **env})
+    server.start()
+    try:
+        server.wait_ready(timeout_s=timeout_s)
+    except BaseException:
+        server.stop()
+        raise
+    return server

@@ -26,3 +26,14 @@ def trained_digits_run(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("runs") / "digits_simple_cnn"
     return train(TrainConfig(**DIGITS_RUN_FLAGS, out=str(out)))
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(trained_digits_run, tmp_path_factory) -> Path:
+    """``trained_digits_run`` exported by ``export.export_bundle`` with its parity gate: FP32 and INT8
+    (the INT8 gate passed), named "digits", version "1". Served by the service, reliability and demo tests."""
+    from export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "digits"
+    return export_bundle(trained_digits_run / "best.pt", out, name="digits", version="1", samples=32, int8=True,
+                         calib_samples=64, int8_eval_samples=200)

@@ -6,21 +6,20 @@ from pathlib import Path
 
 import pytest
 
-from rel_server import server_env, start_server, stop_server
+from loadtests.servectl import start_service
+from rel_server import server_env
 
 
 @pytest.fixture(scope="session")
-def rel_bundle(trained_digits_run, tmp_path_factory) -> Path:
+def rel_bundle(digits_bundle) -> Path:
     """The digits CNN (trained for real in tests/conftest.py) exported with the parity gate."""
-    from svc_factory import make_bundle
-
-    return make_bundle(trained_digits_run / "best.pt", tmp_path_factory.mktemp("rel-bundle") / "digits")
+    return digits_bundle
 
 
 @pytest.fixture(scope="session")
 def api_server(rel_bundle, tmp_path_factory):
     """One `bentoml serve` for bad inputs, fuzz, access, overload and crash (which it survives)."""
     tmp = tmp_path_factory.mktemp("rel-server")
-    srv = start_server(server_env(rel_bundle), tmp / "serve.log", tmp / "bentoml_home")
+    srv = start_service(server_env(rel_bundle), tmp / "serve.log", tmp / "bentoml_home")
     yield srv
-    stop_server(srv)
+    srv.stop()

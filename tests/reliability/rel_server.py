@@ -1,4 +1,4 @@
-"""Helpers for the reliability tests: the service tests' launcher (tests/service/conftest.py) reused,
+"""Helpers for the reliability tests: the repository's launcher (``loadtests.servectl.start_service``),
 the shared server's settings (a random API key, small limits), raw requests, the worker's PID.
 
 Requests go through ``loadtests.soak.fire`` (raw asyncio sockets): cheap on the client side, so
@@ -7,20 +7,11 @@ on a 2-core box the server, not the client, is what saturates.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import secrets
-import sys
 from pathlib import Path
 
+from loadtests.servectl import start_service
 from loadtests.soak import Result, fire, split_url, worker_pids
-
-SERVICE_TESTS = Path(__file__).resolve().parents[1] / "service"
-if str(SERVICE_TESTS) not in sys.path:
-    sys.path.append(str(SERVICE_TESTS))  # svc_factory, which the service conftest imports
-_spec = importlib.util.spec_from_file_location("svc_conftest", SERVICE_TESTS / "conftest.py")
-svc = sys.modules["svc_conftest"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(svc)
-start_server, stop_server, Server = svc.start_server, svc.stop_server, svc.Server
 
 API_KEY = "relkey-" + secrets.token_hex(12)  # random: finding it in a log can only mean a leak
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -57,7 +57,7 @@ def test_key_never_in_output(api_server) -> None:
     for headers in [AUTH, *WRONG.values()]:
         _post(api_server.url, "/classify", headers)
     metrics = httpx.get(api_server.url + "/metrics", timeout=10).text
-    log = api_server.log.read_text(errors="replace")
+    log = api_server.log_path.read_text(errors="replace")
     assert API_KEY not in log, "the API key leaked into the server log"
     assert API_KEY[:12] not in log, "part of the API key leaked into the server log"
     assert API_KEY not in metrics, "the API key leaked into /metrics"

@@ -110,4 +110,4 @@ def test_still_ready_and_memory_bounded(api_server, rss_before) -> None:
     print(f"\nworker RSS {rss_before / 1024:.1f} MiB -> {after / 1024:.1f} MiB ({growth:+.1f} MiB) "
           f"after {3 * len(CORPUS)} corpus requests and 150 fuzz cases")
     assert growth < RSS_GROWTH_LIMIT_MIB, f"worker RSS grew by {growth:.0f} MiB"
-    assert "Traceback" not in api_server.log.read_text(errors="replace"), api_server.log_tail(60)
+    assert "Traceback" not in api_server.log_path.read_text(errors="replace"), api_server.log_tail(60)

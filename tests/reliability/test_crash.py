@@ -76,4 +76,4 @@ def test_kill9_worker_under_load(api_server) -> None:
     assert all(v.startswith("no answer") or v == "shed" for v in bad), dict(bad)
     assert not any(r.error == "timeout" for r in results), "a request hung for 60 s"
     assert after and all(check(r.tag, r) == "" for r in after), Counter(outcome(r) for r in after)
-    assert API_KEY not in api_server.log.read_text(errors="replace"), "the API key leaked into the log"
+    assert API_KEY not in api_server.log_path.read_text(errors="replace"), "the API key leaked into the log"

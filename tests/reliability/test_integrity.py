@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from rel_corpus import digit, encode
-from rel_server import AUTH, server_env, start_server
+from loadtests.servectl import start_service
+from rel_server import AUTH, server_env
 
 
 def _manifest(b: Path, edit: Callable[[dict], None]) -> None:
@@ -106,7 +107,7 @@ def test_refused_by_bentoml_serve(rel_bundle, tmp_path) -> None:
         spec = broken_bundle(rel_bundle, tmp_path, case)
         log = tmp_path / case / "serve.log"
         try:
-            start_server(server_env(Path("unused"), IMGSERVE_MODELS=spec), log, tmp_path / case / "home", timeout=150)
+            start_service(server_env(Path("unused"), IMGSERVE_MODELS=spec), log, tmp_path / case / "home", timeout_s=150)
         except RuntimeError as e:
             return str(e).splitlines()[0], log.read_text(errors="replace")
         pytest.fail(f"{case}: the server became ready")
@@ -114,7 +115,7 @@ def test_refused_by_bentoml_serve(rel_bundle, tmp_path) -> None:
     with ThreadPoolExecutor(len(SERVED_CASES)) as pool:
         outcomes = dict(zip(SERVED_CASES, pool.map(attempt, SERVED_CASES)))
     for case, (first_line, log) in outcomes.items():
-        assert first_line.startswith("bentoml serve exited"), f"{case}: {first_line}"
+        assert first_line.startswith("server exited"), f"{case}: {first_line}"
         lines = [ln for ln in log.splitlines() if "imgserve cannot start: " in ln]
         assert lines and CASES[case][2] in lines[0], f"{case}: no clear refusal in the log:\n{log[-2000:]}"
         print(f"\n{case}: {lines[0].split('imgserve cannot start: ', 1)[1]}")

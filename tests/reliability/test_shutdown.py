@@ -9,14 +9,15 @@ import threading
 import time
 from collections import Counter
 
-from rel_server import AUTH, server_env, start_server, stop_server
+from loadtests.servectl import start_service
+from rel_server import AUTH, server_env
 from loadtests.soak import check, closed_loop, good_cases, split_url, worker_pids
 
 EXIT_BOUND_S = 90
 
 
 def test_sigterm_under_load(rel_bundle, tmp_path) -> None:
-    srv = start_server(server_env(rel_bundle), tmp_path / "serve.log", tmp_path / "home")
+    srv = start_service(server_env(rel_bundle), tmp_path / "serve.log", tmp_path / "home")
     try:
         host, port = split_url(srv.url)
         cases = good_cases(srv.url, n=12, headers=AUTH, side=768)  # ~10 ms decode: requests overlap the signal
@@ -41,7 +42,7 @@ def test_sigterm_under_load(rel_bundle, tmp_path) -> None:
         with socket.socket() as s:
             refused = s.connect_ex((host, port))
     finally:
-        stop_server(srv)
+        srv.stop()
     before = [r for r in results if r.started + r.latency < t_term]
     across = [r for r in results if r.started < t_term <= r.started + r.latency]
     later = [r for r in results if r.started >= t_term]

@@ -205,7 +205,7 @@ def test_request_level_errors(server, uploads, case: str, status: int) -> None:
 
 
 def test_server_log_has_no_traceback_for_bad_input(server) -> None:
-    log = server.log.read_text(errors="replace")
+    log = server.log_path.read_text(errors="replace")
     assert "Traceback" not in log, server.log_tail(60)
 
 
@@ -220,7 +220,7 @@ def test_api_key_required(strict_server, uploads) -> None:
     assert ok.status_code == 200, ok.text
     for path in ("/livez", "/readyz", "/metrics"):
         assert httpx.get(url + path, timeout=10).status_code == 200, path
-    assert "s3cret-key" not in strict_server.log.read_text(errors="replace"), "the API key leaked into the log"
+    assert "s3cret-key" not in strict_server.log_path.read_text(errors="replace"), "the API key leaked into the log"
 
 
 def test_overload_is_503_with_retry_after(strict_server, uploads, reference) -> None:
