@@ -16,7 +16,8 @@
 | IMGSERVE_MAX_PIXELS | 40000000 | pixels per image limit (413; decompression bombs) |
 | IMGSERVE_MAX_IMAGES | 64 | files per /classify_batch request (413) |
 | IMGSERVE_TIMEOUT_S | 60 | BentoML request timeout |
-| IMGSERVE_API_KEY | (unset) | when set, /classify* need `Authorization: Bearer KEY` (401 otherwise) |
+| IMGSERVE_API_KEY | (unset) | when set, /classify*, OIP inference and the model repository API need `Authorization: Bearer KEY` (401 otherwise) |
+| IMGSERVE_MODEL_CONTROL | none | none or explicit: explicit allows loading and unloading models through the OIP model repository API (docs/protocol.md) |
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class Settings:
     max_images: int = 64
     timeout_s: int = 60
     api_key: str | None = None
+    model_control: str = "none"  # "explicit": the repository API may load and unload models
 
     def __repr__(self) -> str:  # never print the key
         return f"Settings(models={self.models}, backend={self.backend}, precision={self.precision}, api_key={'set' if self.api_key else 'unset'})"
@@ -120,4 +122,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_images=_int(env, "IMGSERVE_MAX_IMAGES", 64),
         timeout_s=_int(env, "IMGSERVE_TIMEOUT_S", 60),
         api_key=env.get("IMGSERVE_API_KEY") or None,
+        model_control=_choice(env, "IMGSERVE_MODEL_CONTROL", "none", ("none", "explicit")),
     )

@@ -93,20 +93,26 @@ def load_models(settings: Settings, executor: Executor) -> dict[str, ServedModel
     """Every configured model, hash-checked, loaded and warmed up; the first one is the default."""
     models: dict[str, ServedModel] = {}
     for src in settings.models:
-        m = load_model(src, settings, executor)
+        m = load_ready_model(src, settings, executor)
         if m.name in models:
             raise BundleError(f"two models are named {m.name!r}; name one with NAME=DIR in IMGSERVE_MODELS")
-        secs = m.warm_up()
-        batch_ms = m.batcher.per_image_s * m.batcher.max_batch_size * 1000
-        if batch_ms <= settings.small_model_ms:
-            secs += _tune_small_model(m, settings)
-        logger.info("model %s v%s: %s on %s (%s), warm-up %.2f s, batch of %d in %.1f ms, %s",
-                    m.name, m.version, m.file.name, m.backend.device, ",".join(m.backend.providers), secs,
-                    m.batcher.max_batch_size, batch_ms,
-                    f"{m.backend_threads} intra-op thread(s), "
-                    + ("batches on the event loop" if getattr(m.batcher, "inline", False) else "batches on the inference thread"))
         models[m.name] = m
     return models
+
+
+def load_ready_model(src: ModelSource, settings: Settings, executor: Executor) -> ServedModel:
+    """One model loaded, hash-checked and warmed up: what start-up and the repository API both serve."""
+    m = load_model(src, settings, executor)
+    secs = m.warm_up()
+    batch_ms = m.batcher.per_image_s * m.batcher.max_batch_size * 1000
+    if batch_ms <= settings.small_model_ms:
+        secs += _tune_small_model(m, settings)
+    logger.info("model %s v%s: %s on %s (%s), warm-up %.2f s, batch of %d in %.1f ms, %s",
+                m.name, m.version, m.file.name, m.backend.device, ",".join(m.backend.providers), secs,
+                m.batcher.max_batch_size, batch_ms,
+                f"{m.backend_threads} intra-op thread(s), "
+                + ("batches on the event loop" if getattr(m.batcher, "inline", False) else "batches on the inference thread"))
+    return m
 
 
 def _tune_small_model(m: ServedModel, settings: Settings) -> float:
@@ -129,8 +135,13 @@ def _tune_small_model(m: ServedModel, settings: Settings) -> float:
 
 def top_k(logits: np.ndarray, k: int, class_names: list[str]) -> list[dict[str, Any]]:
     """One row of logits -> the k best classes with softmax scores, highest first."""
-    z = logits.astype(np.float64)
-    e = np.exp(z - z.max())
-    p = e / e.sum()
+    p = softmax(logits)
     idx = np.argsort(-p, kind="stable")[:k]
     return [{"label": class_names[i], "index": int(i), "score": float(p[i])} for i in idx]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Logits (..., C) -> float64 probabilities over the last axis (/classify's scores, OIP's probabilities)."""
+    z = logits.astype(np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)

@@ -26,10 +26,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import bentoml
-from service import metrics
+from service import metrics, oip, repository
 from service.batching import Overloaded
 from service.bundle import BundleError
 from service.config import Settings, load_settings
+from service.errors import Refused as _Refused
 from service.io import (TOO_LARGE_KEY, BadField, ClassifyBatchInput, ClassifyBatchOutput, ClassifyInput, ClassifyOutput,
                         error_response, json_response)
 from service.models import ServedModel, load_models, top_k
@@ -38,7 +39,7 @@ from service.preprocess import ImageError, stack
 logger = logging.getLogger(__name__)
 
 SETTINGS: Settings = load_settings()
-PROTECTED = ("/classify",)  # prefixes that need the API key when one is set
+PROTECTED = ("/classify", "/v2/repository")  # prefixes that need the API key when one is set
 INLINE_DECODE_PIXELS = 128 * 128  # decode smaller images on the event loop (well under 1 ms)
 
 
@@ -55,7 +56,7 @@ class GuardMiddleware:
         self.key = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED):
+        if scope["type"] != "http" or not _protected(scope["path"]):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         if self.key is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.key):
@@ -66,7 +67,7 @@ class GuardMiddleware:
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             metrics.ERRORS.labels(kind="body_too_large").inc()
             return await self._too_large(scope, receive, send)
-        shed = _shed_early()
+        shed = None if scope["path"].startswith("/v2/repository") else _shed_early()
         if shed is not None:
             # Every model is over its latency budget: refuse before BentoML parses the form, the
             # costliest part of a refusal. The body is drained first (it is within the size limit):
@@ -103,8 +104,14 @@ async def _models_view(request: Request) -> Response:
     return json_response(svc.describe_models())
 
 
-# GET routes: BentoML APIs are POST only. Mounted passively after BentoML's own routes.
-extra_routes = Starlette(routes=[Route("/models", _models_view, methods=["GET"])])
+def _protected(path: str) -> bool:
+    """/classify*, the model repository API and OIP inference; OIP health and metadata stay open (probes)."""
+    return path.startswith(PROTECTED) or (path.startswith("/v2/models/") and path.endswith("/infer"))
+
+
+# GET routes and the Open Inference Protocol (BentoML APIs are POST-only multipart/JSON with
+# BentoML's own error codes). Mounted passively after BentoML's own routes.
+extra_routes = Starlette(routes=[Route("/models", _models_view, methods=["GET"]), *oip.routes, *repository.routes])
 
 
 # The BentoML service options, shared with the benchmark's no-model floor service
@@ -138,6 +145,7 @@ class ImgServe:
             _stop_supervisor(str(e))
             raise
         self.default = next(iter(self.models))
+        self.repository = repository.ModelRepository(self)
         tune_gc()
         self._ready = True
 
@@ -151,7 +159,7 @@ class ImgServe:
 
     def _model(self, name: Optional[str]) -> ServedModel:
         if name is None or name == "":
-            return self.models[self.default]
+            name = self.default  # gone when the repository API unloaded every model: 404 below
         if not isinstance(name, str) or name not in self.models:
             raise _Refused(f"unknown model {name!r}; served models: {', '.join(self.models)}", 404, "unknown_model",
                            {"models": list(self.models)})
@@ -293,14 +301,6 @@ def _stop_supervisor(reason: str) -> None:
         return
     if b"serve" in cmd and any(c.endswith((b"bentoml", b"bentoml.__main__")) for c in cmd):
         os.kill(ppid, signal.SIGTERM)
-
-
-class _Refused(Exception):
-    """A client error: HTTP ``status`` with a one-line message, counted under ``kind``."""
-
-    def __init__(self, message: str, status: int, kind: str, extra: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.extra = status, kind, extra or {}
 
 
 ImgServe.add_asgi_middleware(GuardMiddleware, max_body_bytes=SETTINGS.max_body_bytes, api_key=SETTINGS.api_key)

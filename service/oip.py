@@ -1,0 +1,223 @@
+"""Open Inference Protocol v2 REST routes (KServe's "V2 protocol", Triton's HTTP API) on the served models.
+
+Mounted by ``service.service`` next to /models. Same models, batcher, admission control, limits,
+decoding, API key (the guard middleware) and error bodies as /classify; only the wire format
+differs (``service.oip_tensors``). docs/protocol.md has the user's view.
+
+One input, named as the bundle's input (``image``), in either datatype:
+- ``BYTES`` ``[N]`` or ``[N, 1]``: encoded image files, decoded and preprocessed as /classify does;
+- ``UINT8`` ``[N, H, W, C]``: pixels already preprocessed to the bundle's input.
+Outputs ``logits`` and ``probabilities`` (FP32 ``[N, num_classes]``); either one with Triton's
+``classification`` parameter becomes BYTES ``[N, k]`` "value:index:label", highest first.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+import bentoml
+from service import metrics
+from service.errors import Refused
+from service.io import TOO_LARGE_KEY, Upload, error_response, json_response
+from service.models import ServedModel, softmax
+from service.oip_tensors import (HEADER_LENGTH, InferRequest, InputTensor, OutputTensor, RequestedOutput,
+                                 encode_response, parse_request)
+from service.preprocess import ImageError
+
+SERVER_NAME = "imgserve"
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
+_PLATFORMS = {"onnx": "onnx_onnxv1", "torchscript": "pytorch_torchscript"}  # OIP's platform names
+
+
+# -- outputs: name -> (logits (N, C) float32) -> values that classification ranks --------------
+def _logits(logits: np.ndarray) -> np.ndarray:
+    return logits
+
+
+def _probabilities(logits: np.ndarray) -> np.ndarray:
+    return softmax(logits)
+
+
+OUTPUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"logits": _logits, "probabilities": _probabilities}
+
+
+# -- health and metadata -------------------------------------------------------------------------
+async def server_metadata(request: Request) -> Response:
+    from importlib.metadata import version
+
+    return json_response({"name": SERVER_NAME, "version": version("imgserve"), "extensions": EXTENSIONS})
+
+
+async def live(request: Request) -> Response:
+    return json_response({"live": True})
+
+
+async def ready(request: Request) -> Response:
+    svc = _service()
+    ok = svc is not None and svc.__is_ready__() and bool(svc.models)
+    return json_response({"ready": ok}, 200 if ok else 503)
+
+
+async def model_ready(request: Request) -> Response:
+    return _guarded(lambda svc: json_response({"name": _resolve(svc, request).name, "ready": True}))
+
+
+async def model_metadata(request: Request) -> Response:
+    return _guarded(lambda svc: json_response(metadata(_resolve(svc, request))))
+
+
+def metadata(m: ServedModel) -> dict[str, Any]:
+    c = len(m.class_names)
+    return {"name": m.name, "versions": [m.version], "platform": _PLATFORMS.get(m.backend.name, m.backend.name),
+            "inputs": [{"name": _input_name(m), "datatype": "UINT8", "shape": [-1, *m.preprocessor.shape]}],
+            "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, c]} for n in OUTPUTS]}
+
+
+def _input_name(m: ServedModel) -> str:
+    return m.bundle.manifest["input"].get("name", "image")
+
+
+# -- inference -----------------------------------------------------------------------------------
+async def infer(request: Request) -> Response:
+    svc = _service()
+    if svc is None:
+        return error_response("the service is starting; retry shortly", 503, retry_after=1)
+
+    async def run() -> Response:
+        body = await _body(request)
+        # No await between resolving the model and admission: a version switch never lands between
+        # the two, so this request runs wholly on one version.
+        model = _resolve(svc, request)
+        req = parse_request(body, request.headers.get(HEADER_LENGTH), raw_input=_input_name(model))
+        tensor, n = _one_input(model, req, svc.settings.max_images)
+        outputs = _requested(model, req)
+        with model.batcher.admitted(n):
+            pixels = await _pixels(svc, model, tensor)  # (N, H, W, C) uint8
+            logits = await model.batcher.infer(pixels)  # (N, num_classes) float32
+        head = {"model_name": model.name, "model_version": model.version}
+        if req.id is not None:
+            head["id"] = req.id
+        body, headers = encode_response(head, [_output(model, o, logits) for o in outputs])
+        return Response(body, headers=headers)
+
+    return await svc._answer(run())
+
+
+async def _body(request: Request) -> bytes:
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        if request.scope.get(TOO_LARGE_KEY):  # the guard ended a chunked body that grew too big
+            raise Refused(f"request body is over the limit of {request.scope[TOO_LARGE_KEY]} bytes "
+                          "(IMGSERVE_MAX_BODY_BYTES)", 413, "body_too_large") from None
+        raise
+
+
+def _one_input(model: ServedModel, req: InferRequest, max_images: int) -> tuple[InputTensor, int]:
+    """The request's image tensor, checked against the model: (tensor, images in it)."""
+    want = _input_name(model)
+    if req.inputs[0].name != want or len(req.inputs) != 1:
+        got = ", ".join(repr(t.name) for t in req.inputs)
+        raise Refused(f"model {model.name!r} takes one input named {want!r}, got {got}", 400, "bad_input")
+    t = req.inputs[0]
+    if t.datatype == "BYTES":
+        if len(t.shape) > 2 or (len(t.shape) == 2 and t.shape[1] != 1):
+            raise Refused(f"input {want!r}: BYTES shape must be [N] or [N, 1] (one encoded file per image), "
+                          f"got {list(t.shape)}", 400, "bad_shape")
+    elif tuple(t.shape[1:]) != model.preprocessor.shape or len(t.shape) != 4:
+        raise Refused(f"input {want!r}: UINT8 shape must be [N, {', '.join(map(str, model.preprocessor.shape))}] "
+                      f"(N, H, W, C) for model {model.name!r}, got {list(t.shape)}", 400, "bad_shape")
+    n = t.shape[0]
+    if n < 1:
+        raise Refused(f"input {want!r} holds no image (shape {list(t.shape)})", 400, "bad_shape")
+    if n > max_images:
+        raise Refused(f"{n} images in one request; at most {max_images} (IMGSERVE_MAX_IMAGES)", 413, "too_many_files")
+    return t, n
+
+
+def _requested(model: ServedModel, req: InferRequest) -> list[RequestedOutput]:
+    outs = req.outputs if req.outputs is not None else [RequestedOutput(n, None) for n in OUTPUTS]
+    c = len(model.class_names)
+    for o in outs:
+        if o.name not in OUTPUTS:
+            raise Refused(f"model {model.name!r} has no output {o.name!r}; outputs: {', '.join(OUTPUTS)}", 400,
+                          "bad_output")
+        if o.classification > c:
+            raise Refused(f"output {o.name!r}: classification {o.classification} is over the model's {c} classes", 400,
+                          "bad_classification")
+        if o.binary is None:
+            o.binary = req.binary_output
+    return outs
+
+
+async def _pixels(svc: Any, model: ServedModel, t: InputTensor) -> np.ndarray:
+    if t.datatype != "BYTES":
+        return np.ascontiguousarray(t.data)
+    arrays = []
+    for i, data in enumerate(t.data):
+        try:
+            arrays.append(await svc._decode(model, Upload(f"element {i}", None, data)))
+        except ImageError as e:
+            raise Refused(f"input {t.name!r} element {i}: {e}", e.status, e.kind) from None
+    return np.stack(arrays)
+
+
+def _output(model: ServedModel, o: RequestedOutput, logits: np.ndarray) -> OutputTensor:
+    values = OUTPUTS[o.name](logits)  # (N, C)
+    if not o.classification:
+        return OutputTensor(o.name, "FP32", values.shape, values.astype(np.float32, copy=False), o.binary)
+    k = o.classification
+    idx = np.argsort(-values, axis=1, kind="stable")[:, :k]
+    names = model.class_names
+    # repr of the float64 value: the score of "probabilities" is bit-for-bit /classify's score.
+    rows = [f"{float(values[r, i])!r}:{i}:{names[i]}".encode() for r in range(len(values)) for i in idx[r]]
+    return OutputTensor(o.name, "BYTES", (len(values), k), rows, o.binary)
+
+
+# -- plumbing ------------------------------------------------------------------------------------
+def _service() -> Any:
+    try:
+        return bentoml.get_current_service()
+    except Exception:  # not started yet
+        return None
+
+
+def _resolve(svc: Any, request: Request) -> ServedModel:
+    """The model (and version, when the path names one) of the request; 404 otherwise."""
+    name = request.path_params["name"]
+    if name not in svc.models:
+        raise Refused(f"unknown model {name!r}; served models: {', '.join(svc.models) or 'none'}", 404, "unknown_model")
+    m = svc.models[name]
+    version = request.path_params.get("version")
+    if version is not None and version != m.version:
+        raise Refused(f"model {name!r} version {version!r} is not served; served version: {m.version!r}", 404,
+                      "unknown_version")
+    return m
+
+
+def _guarded(fn: Callable[[Any], Response]) -> Response:
+    svc = _service()
+    if svc is None:
+        return error_response("the service is starting; retry shortly", 503, retry_after=1)
+    try:
+        return fn(svc)
+    except Refused as e:
+        metrics.ERRORS.labels(kind=e.kind).inc()
+        return error_response(str(e), e.status)
+
+
+def _model_routes(prefix: str) -> list[Route]:
+    return [Route(prefix, model_metadata, methods=["GET"]),
+            Route(prefix + "/ready", model_ready, methods=["GET"]),
+            Route(prefix + "/infer", infer, methods=["POST"])]
+
+
+routes = [Route("/v2", server_metadata, methods=["GET"]),
+          Route("/v2/health/live", live, methods=["GET"]),
+          Route("/v2/health/ready", ready, methods=["GET"]),
+          *_model_routes("/v2/models/{name}"),
+          *_model_routes("/v2/models/{name}/versions/{version}")]

@@ -1,0 +1,213 @@
+"""Triton's model repository extension: index, load (or reload: a new version) and unload models.
+
+    POST /v2/repository/index                       {"ready": true}?
+    POST /v2/repository/models/NAME/load            {"parameters": {"bundle": DIR} | {"store": TAG}}?
+    POST /v2/repository/models/NAME/unload
+
+Off unless IMGSERVE_MODEL_CONTROL=explicit (Triton's name for the same switch), and behind the API
+key when one is set (the guard middleware). A load runs every check of start-up (manifest, sha256,
+warm-up output shape) in a thread; the event loop keeps serving the old version meanwhile. Then one
+dict assignment on the event loop switches the name to the new model: a request resolves its
+model once, right before admission, so requests admitted earlier finish on the old version and
+later ones use the new one. The old model is dropped once its last admitted request is answered.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+import json
+import logging
+import time
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+import bentoml
+from service import metrics
+from service.bundle import NAME_RE
+from service.config import ModelSource
+from service.errors import Refused
+from service.io import error_response, json_response
+from service.models import ServedModel, load_ready_model
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRepository:
+    """The service's loaded models (its own ``models`` dict) and where each one came from."""
+
+    def __init__(self, svc: Any) -> None:
+        self.svc = svc
+        self.models: dict[str, ServedModel] = svc.models  # the dict /classify and /v2 read
+        self.sources: dict[str, ModelSource] = dict(zip(svc.models, svc.settings.models))
+        self.unavailable: dict[str, str] = {}  # name -> why it is not loaded
+        self._lock = asyncio.Lock()  # one load or unload at a time
+
+    def index(self, ready_only: bool) -> list[dict[str, str]]:
+        rows = [{"name": n, "version": m.version, "state": "READY", "reason": ""} for n, m in self.models.items()]
+        if not ready_only:
+            rows += [{"name": n, "state": "UNAVAILABLE", "reason": r} for n, r in self.unavailable.items()
+                     if n not in self.models]
+        return rows
+
+    async def load(self, name: str, params: dict) -> ServedModel:
+        if not NAME_RE.match(name):
+            raise Refused(f"model name {name!r} must match {NAME_RE.pattern}", 400, "bad_model_name")
+        src = _source(name, params) or self.sources.get(name)
+        if src is None:
+            raise Refused(f"model {name!r} is not known here: give its bundle, "
+                          '{"parameters": {"bundle": "/path/to/bundle"}} or {"parameters": {"store": "TAG"}}',
+                          400, "bad_load")
+        async with self._lock:
+            t0 = time.perf_counter()
+            try:
+                new = await anyio.to_thread.run_sync(load_ready_model, src, self.svc.settings, self.svc.infer_executor)
+            except Exception as e:  # a bundle that fails a check is the caller's to fix; the old version stays
+                logger.warning("load of model %s from %s refused: %s", name, src.location, e)
+                raise Refused(f"model {name!r} not loaded from {src.location!r}: {e}", 400, "bad_bundle") from None
+            before = self.models[name].version if name in self.models else None
+            self.sources[name] = src
+            self.unavailable.pop(name, None)
+            logger.info("model %s v%s loaded in %.2f s%s", name, new.version, time.perf_counter() - t0,
+                        f" (replaces v{before})" if before is not None else "")
+            # No local name keeps the old model: _retire holds the last reference and frees it.
+            await self._retire(self._switch(name, new))
+        return new
+
+    def _switch(self, name: str, new: ServedModel) -> ServedModel | None:
+        """Serve ``new`` under ``name`` from now on (one dict assignment); returns the model it replaces."""
+        old = self.models.get(name)
+        self.models[name] = new
+        if self.svc.default not in self.models:
+            self.svc.default = name
+        return old
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            if name not in self.models:
+                raise Refused(f"model {name!r} is not loaded; loaded: {', '.join(self.models) or 'none'}", 404,
+                              "unknown_model")
+            self.unavailable[name] = "unloaded"
+            logger.info("model %s v%s unloaded", name, self.models[name].version)
+            await self._retire(self._remove(name))
+
+    def _remove(self, name: str) -> ServedModel:
+        old = self.models.pop(name)
+        if self.svc.default == name and self.models:
+            self.svc.default = next(iter(self.models))
+        return old
+
+    async def _retire(self, old: ServedModel | None) -> None:
+        """Wait for the requests admitted on ``old`` (bounded by the request timeout), then free it."""
+        if old is None:
+            return
+        deadline = time.monotonic() + self.svc.settings.timeout_s
+        while old.batcher.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        del old
+        gc.collect()  # the frozen-threshold gc (service.tune_gc) would keep cycles around for long
+        _malloc_trim()
+
+
+def _source(name: str, params: dict) -> ModelSource | None:
+    """The load request's bundle: parameters.bundle / parameters.store, or the same keys inside
+    parameters.config (the JSON string tritonclient's ``load_model(name, config=...)`` sends)."""
+    if any(k.startswith("file:") for k in params):
+        raise Refused("model files in the load request are not supported; give a bundle directory on the server "
+                      '({"parameters": {"bundle": DIR}}) or a BentoML store tag ({"parameters": {"store": TAG}})',
+                      400, "bad_load")
+    if "config" in params:
+        try:
+            cfg = json.loads(params["config"])
+        except (TypeError, json.JSONDecodeError):
+            raise Refused("parameters.config must be a JSON object string, e.g. '{\"bundle\": \"/path\"}'", 400,
+                          "bad_load") from None
+        params = cfg if isinstance(cfg, dict) else {}
+    bundle, store = params.get("bundle"), params.get("store")
+    if bundle is not None and store is not None:
+        raise Refused("give either parameters.bundle or parameters.store, not both", 400, "bad_load")
+    for key, value in (("bundle", bundle), ("store", store)):
+        if value is not None:
+            if not isinstance(value, str) or not value:
+                raise Refused(f"parameters.{key} must be a non-empty string", 400, "bad_load")
+            return ModelSource(name, value, store=key == "store")
+    return None
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS would not fall)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# -- routes --------------------------------------------------------------------------------------
+async def _json(request: Request) -> dict:
+    body = await request.body()
+    if not body.strip():
+        return {}
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise Refused(f"the request body is not valid JSON: {e}", 400, "bad_json") from None
+    if not isinstance(doc, dict):
+        raise Refused("the request body must be a JSON object", 400, "bad_json")
+    params = doc.get("parameters", {})
+    if not isinstance(params, dict):
+        raise Refused("'parameters' must be a JSON object", 400, "bad_json")
+    return doc
+
+
+def _repository(svc: Any, change: bool) -> ModelRepository:
+    if change and svc.settings.model_control != "explicit":
+        raise Refused("model repository changes are off: start the service with IMGSERVE_MODEL_CONTROL=explicit "
+                      "to load and unload models through the API", 403, "repository_off")
+    return svc.repository
+
+
+async def _answer(request: Request, work) -> Response:
+    try:
+        svc = bentoml.get_current_service()
+    except Exception:
+        return error_response("the service is starting; retry shortly", 503, retry_after=1)
+    try:
+        return await work(svc, await _json(request))
+    except Refused as e:
+        metrics.ERRORS.labels(kind=e.kind).inc()
+        return error_response(str(e), e.status)
+
+
+async def index(request: Request) -> Response:
+    async def work(svc: Any, doc: dict) -> Response:
+        ready = doc.get("ready", False)
+        if not isinstance(ready, bool):
+            raise Refused("'ready' must be true or false", 400, "bad_json")
+        return json_response(_repository(svc, change=False).index(ready))
+
+    return await _answer(request, work)
+
+
+async def load(request: Request) -> Response:
+    async def work(svc: Any, doc: dict) -> Response:
+        m = await _repository(svc, change=True).load(request.path_params["name"], doc.get("parameters", {}))
+        return json_response({"name": m.name, "version": m.version})
+
+    return await _answer(request, work)
+
+
+async def unload(request: Request) -> Response:
+    async def work(svc: Any, doc: dict) -> Response:
+        await _repository(svc, change=True).unload(request.path_params["name"])
+        return json_response({})
+
+    return await _answer(request, work)
+
+
+routes = [Route("/v2/repository/index", index, methods=["POST"]),
+          Route("/v2/repository/models/{name}/load", load, methods=["POST"]),
+          Route("/v2/repository/models/{name}/unload", unload, methods=["POST"])]
