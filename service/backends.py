@@ -27,6 +27,9 @@ class Backend(Protocol):
     def run(self, pixels: np.ndarray) -> np.ndarray:
         """(B, H, W, C) uint8 -> (B, num_classes) float32 logits."""
 
+    def warm_run(self, pixels: np.ndarray) -> np.ndarray:
+        """``run`` that hands its working memory back afterwards (warm-up must not pin memory)."""
+
 
 _BACKENDS: dict[str, Callable[..., Backend]] = {}
 
@@ -84,6 +87,26 @@ def _tensorrt_available() -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=1)
+def _shared_cpu_arena(ort) -> bool:
+    """One CPU memory arena for every onnxruntime session of the process.
+
+    Each session's own arena grows to its largest batch's activations and keeps them: 8 ResNet-18
+    models cost 380 MiB each where the weights are 43 MiB. With one shared arena (growing by what
+    is asked, not in powers of two) an extra model costs its weights, and the arena holds the
+    working memory of one batch at a time, which is all the single inference thread ever runs.
+    docs/benchmarks.md has the figures.
+    """
+    try:
+        mem = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        # max_mem 0 (no cap), extend strategy 1 (kSameAsRequested), default chunk settings
+        ort.create_and_register_allocator(mem, ort.OrtArenaCfg(0, 1, -1, -1))
+        return True
+    except Exception as e:  # an onnxruntime without the API: per-session arenas, as before
+        logger.warning("onnxruntime: no shared CPU arena (%s); each session keeps its own", e)
+        return False
+
+
 @register_backend("onnx")
 class OnnxBackend:
     """onnxruntime session over a uint8 NHWC model."""
@@ -94,6 +117,8 @@ class OnnxBackend:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
+        if _shared_cpu_arena(ort):
+            so.add_session_config_entry("session.use_env_allocators", "1")
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -108,6 +133,8 @@ class OnnxBackend:
         self.device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+        self._shrink = ort.RunOptions()
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     @staticmethod
     def _providers(ort, device: str) -> list[str]:
@@ -124,6 +151,9 @@ class OnnxBackend:
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: pixels})[0]
+
+    def warm_run(self, pixels: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: pixels}, self._shrink)[0]
 
 
 @register_backend("torchscript")
@@ -152,3 +182,5 @@ class TorchScriptBackend:
         with torch.inference_mode():
             x = torch.from_numpy(pixels).to(self._dev, non_blocking=True)
             return self.module(x).float().cpu().numpy()
+
+    warm_run = run
