@@ -21,7 +21,7 @@ import pytest
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from conftest import MAIN_ENV, start_server, stop_server
+from loadtests.servectl import rss_mib, start_service
 from svc_factory import digit_uploads, png_bytes
 
 
@@ -55,10 +55,10 @@ def bundle_v2(bundle, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def repo_server(bundle, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("svc-repo")
-    env = {"IMGSERVE_MODELS": str(bundle), "IMGSERVE_MODEL_CONTROL": "explicit", **MAIN_ENV}
-    srv = start_server(env, tmp / "serve.log", tmp / "bentoml_home")
+    env = {"IMGSERVE_MODELS": str(bundle), "IMGSERVE_MODEL_CONTROL": "explicit"}
+    srv = start_service(env, tmp / "serve.log", tmp / "bentoml_home")
     yield srv
-    stop_server(srv)
+    srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -180,10 +180,8 @@ def test_swap_under_closed_loop_of_8_clients(client, repo_server, bundle, bundle
 
 
 def test_load_unload_cycles_do_not_grow_memory(client, repo_server, bundle, image):
-    from loadtests.servectl import rss_mib, tree_pids
-
     def rss() -> float:
-        return rss_mib(tree_pids(repo_server.proc.pid))
+        return rss_mib(repo_server.pids())
 
     client.load_model("cyc", config=json.dumps({"bundle": str(bundle)}))
     client.unload_model("cyc")
