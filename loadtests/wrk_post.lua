@@ -3,6 +3,7 @@
 --   env CONTENT_TYPE its Content-Type header value
 --   env METHOD       GET for the HTTP-floor run (no body), default POST
 --   env API_KEY      sent as "Authorization: Bearer KEY" when set
+--   env HEADER_LENGTH sent as "Inference-Header-Content-Length" when set (OIP binary tensor data)
 -- At the end it prints one line "STATUS_JSON {...}" with {status: count}, so 2xx can be told from
 -- 503s (wrk's own Requests/sec counts every answer).
 local method = os.getenv("METHOD") or "POST"
@@ -12,6 +13,11 @@ if method == "POST" then
   wrk.body = f:read("*a")
   f:close()
   wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE")
+end
+
+local header_length = os.getenv("HEADER_LENGTH")
+if header_length and header_length ~= "" then
+  wrk.headers["Inference-Header-Content-Length"] = header_length
 end
 
 local key = os.getenv("API_KEY")

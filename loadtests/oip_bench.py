@@ -1,0 +1,154 @@
+"""Benchmark: the Open Inference Protocol against multipart /classify, same service, same run.
+
+    .venv/bin/python -m loadtests.oip_bench --case bundles/m28:fashion --case bundles/r18:china
+
+For each case (BUNDLE:IMAGE, IMAGE as in ``loadtests.bench``: fashion, digit, china, flower or a
+file) one ``bentoml serve``, then wrk (``wrk_post.lua``, one prebuilt body) at each concurrency for
+each way of asking the same question, "the top 5 classes of this image":
+  multipart   POST /classify, the file as form field ``image``, top_k=5
+  oip-bytes   POST /v2/models/M/infer, binary tensor data: BYTES [1] (the file), output
+              ``probabilities`` with classification 5, returned as binary data
+  oip-uint8   the same with UINT8 [1, H, W, C] pixels from the service's own Preprocessor
+  oip-json    the file as a base64 BYTES element in plain JSON
+Before measuring, one request of each kind must answer 200 with /classify's top class. Prints
+ok req/s, p50/p99 and server CPU ms per request (all its processes, /proc) and saves
+oip_bench.json in --out.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from loadtests import servectl
+from loadtests.bench import _image_bytes, measure_server
+from loadtests.payloads import multipart
+
+log = logging.getLogger(__name__)
+HERE = Path(__file__).resolve().parent
+TOP_K = 5
+
+
+def _oip(head: dict, tensor: bytes | None) -> tuple[bytes, dict[str, str]]:
+    """(body, wrk env) of an OIP request; binary tensor data when ``tensor`` is given."""
+    js = json.dumps(head).encode()
+    if tensor is None:
+        return js, {"CONTENT_TYPE": "application/json"}
+    return js + tensor, {"CONTENT_TYPE": "application/octet-stream", "HEADER_LENGTH": str(len(js))}
+
+
+def bodies(bundle: Path, image: bytes, filename: str) -> dict[str, tuple[str, bytes, dict[str, str]]]:
+    """kind -> (path, body, wrk env) for the default model of ``bundle``."""
+    from service.bundle import load_bundle
+    from service.oip_tensors import join_bytes
+    from service.preprocess import Preprocessor
+
+    b = load_bundle(bundle)
+    name, inp = b.name, b.manifest["input"].get("name", "image")
+    pixels = Preprocessor.from_manifest(b.manifest["preprocessing"], max_pixels=10**9)(image)[None]  # (1, H, W, C)
+    out = [{"name": "probabilities", "parameters": {"classification": TOP_K, "binary_data": True}}]
+    path = f"/v2/models/{name}/infer"
+    form, ctype = multipart({"top_k": str(TOP_K)}, [("image", (filename, image, "application/octet-stream"))])
+    files = join_bytes([image])
+    return {
+        "multipart": ("/classify", form, {"CONTENT_TYPE": ctype}),
+        "oip-bytes": (path, *_oip({"inputs": [{"name": inp, "datatype": "BYTES", "shape": [1],
+                                               "parameters": {"binary_data_size": len(files)}}], "outputs": out}, files)),
+        "oip-uint8": (path, *_oip({"inputs": [{"name": inp, "datatype": "UINT8", "shape": list(pixels.shape),
+                                               "parameters": {"binary_data_size": pixels.nbytes}}], "outputs": out},
+                                  pixels.tobytes())),
+        "oip-json": (path, *_oip({"inputs": [{"name": inp, "datatype": "BYTES", "shape": [1],
+                                              "data": [base64.b64encode(image).decode()]}],
+                                  "outputs": [{"name": "probabilities", "parameters": {"classification": TOP_K}}]},
+                                 None)),
+    }
+
+
+def _top1(kind: str, status: int, body: bytes, headers) -> str:
+    """The top class label of one answer (multipart JSON, or OIP JSON/binary classification)."""
+    if status != 200:
+        raise RuntimeError(f"{kind}: HTTP {status}: {body[:300]!r}")
+    if kind == "multipart":
+        return json.loads(body)["predictions"][0]["label"]
+    n = int(headers.get("Inference-Header-Content-Length", len(body)))
+    out = json.loads(body[:n])["outputs"][0]
+    if "data" in out:
+        return out["data"][0].split(":", 2)[2]
+    first = body[n + 4:n + 4 + int.from_bytes(body[n:n + 4], "little")]
+    return first.decode().split(":", 2)[2]
+
+
+def check(url: str, cases: dict[str, tuple[str, bytes, dict[str, str]]]) -> None:
+    """Every kind answers 200 with the same top class as /classify."""
+    labels = {}
+    for kind, (path, body, env) in cases.items():
+        headers = {"Content-Type": env["CONTENT_TYPE"]}
+        if "HEADER_LENGTH" in env:
+            headers["Inference-Header-Content-Length"] = env["HEADER_LENGTH"]
+        req = urllib.request.Request(url + path, data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            labels[kind] = _top1(kind, r.status, r.read(), r.headers)
+    if len(set(labels.values())) != 1:
+        raise RuntimeError(f"the kinds disagree on the top class: {labels}")
+
+
+def run_case(bundle: Path, image_spec: str, kinds: list[str], concs: list[int], duration_s: int, out: Path,
+             env: dict[str, str]) -> list[dict]:
+    image, filename = _image_bytes(image_spec, bundle)
+    cases = {k: v for k, v in bodies(bundle, image, filename).items() if k in kinds}
+    server = servectl.service_server([str(bundle)], servectl.free_port(), out / f"serve-{bundle.name}.log", env)
+    rows = []
+    with server.start():
+        server.wait_ready()
+        check(server.url, cases)
+        for kind, (path, body, wrk_env) in cases.items():
+            body_file = out / f"body-{bundle.name}-{kind}.bin"
+            body_file.write_bytes(body)
+            for r in measure_server(server, path, {**wrk_env, "BODY_FILE": str(body_file)}, concs, duration_s):
+                rows.append({"bundle": bundle.name, "image": image_spec, "image_bytes": len(image), "kind": kind,
+                             "body_bytes": len(body), "concurrency": r.concurrency, "ok_rps": round(r.ok_rps, 1),
+                             "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors,
+                             "cpu_ms_per_req": round(r.cpu_ms_per_req or 0, 2)})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'bundle':<10} {'kind':<10} {'body B':>8} {'conc':>4} {'ok req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+             f"{'errors':>6} {'CPU ms/req':>10}"]
+    lines += [f"{r['bundle']:<10} {r['kind']:<10} {r['body_bytes']:>8} {r['concurrency']:>4} {r['ok_rps']:>9.1f} "
+              f"{r['p50_ms'] or 0:>8.1f} {r['p99_ms'] or 0:>8.1f} {r['errors']:>6} {r['cpu_ms_per_req']:>10.2f}"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", action="append", required=True, metavar="BUNDLE:IMAGE",
+                    help="a bundle directory and the image to send (fashion, digit, china, flower or a file)")
+    ap.add_argument("--kinds", default="multipart,oip-bytes,oip-uint8,oip-json", help="comma list of request kinds")
+    ap.add_argument("--concurrency", default="1,8,32", help="comma list of wrk connections")
+    ap.add_argument("--duration", type=int, default=10, help="seconds per point")
+    ap.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for the server")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / ("oip-bench-" + time.strftime("%Y%m%d-%H%M%S")))
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    a.out.mkdir(parents=True, exist_ok=True)
+    env = dict(kv.split("=", 1) for kv in a.env)
+    concs = [int(c) for c in a.concurrency.split(",") if c]
+    rows = []
+    for case in a.case:
+        bundle, _, image = case.partition(":")
+        rows += run_case(Path(bundle), image or "auto", a.kinds.split(","), concs, a.duration, a.out, env)
+    (a.out / "oip_bench.json").write_text(json.dumps(rows, indent=2))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
