@@ -128,6 +128,9 @@ class _Base:
             raise Overloaded(f"overloaded: {self.in_flight} images (about {wait:.2f} s of work) are in flight for "
                              f"model {self.model!r}; retry later", _retry_after(max(wait - self.max_latency_s, 0.5)))
 
+    def close(self) -> None:
+        """Stop whatever runs in the background (a model being unloaded); nothing for most batchers."""
+
     def _finished(self, n: int) -> None:
         """Busy time per finished image, averaged over >= 16 images or 0.25 s (batches end together)."""
         now = time.perf_counter()
@@ -263,6 +266,10 @@ class CorkBatcher(_Base):
             max_latency_in_ms=int(self.max_latency_s * 1000), max_batch_size=self.max_batch_size,
             fallback=fallback, get_batch_size=lambda x: x.shape[0], batch_dim=(0, 0))
         self._call = self._dispatcher(self._infer_batches)
+
+    def close(self) -> None:
+        # The dispatcher's controller task runs forever and would keep the model alive.
+        self._dispatcher.shutdown()
 
     async def _infer_batches(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()

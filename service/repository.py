@@ -108,6 +108,7 @@ class ModelRepository:
         deadline = time.monotonic() + self.svc.settings.timeout_s
         while old.batcher.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        old.batcher.close()
         del old
         gc.collect()  # the frozen-threshold gc (service.tune_gc) would keep cycles around for long
         _malloc_trim()
