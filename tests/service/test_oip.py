@@ -248,3 +248,13 @@ def test_api_key_guards_infer_and_repository(strict_server, files):
     r = c.infer("digits", [_bytes_input(files[:1], True)], headers=key)
     assert r.as_numpy("logits").shape == (1, 10)
     assert c.get_model_repository_index(headers=key)[0]["state"] == "READY"
+
+
+def test_metrics_count_oip_requests(server, files):
+    """OIP requests show on /metrics like /classify's: BentoML's per-endpoint counts, our refusals."""
+    _infer_json(server.url, _bytes_doc(files[:1]))
+    _infer_json(server.url, BAD_REQUESTS["fp32 input"][0])
+    text = httpx.get(server.url + "/metrics").text
+    assert 'endpoint="/v2/models/digits/infer",http_response_code="200"' in text
+    assert 'imgserve_errors_total{kind="bad_dtype"}' in text
+    assert 'imgserve_batch_size_count{model="digits"}' in text
