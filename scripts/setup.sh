@@ -17,6 +17,9 @@ need_apt=()
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
 # HAProxy: the load balancer of the local replicas (make replicas, tests/deploy).
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
+# Chromium and its WebDriver: the demo page's browser tests (headless, tests/demo).
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
   as_root apt-get update -qq || true

@@ -34,6 +34,7 @@ from service.errors import Refused as _Refused
 from service.io import (TOO_LARGE_KEY, BadField, ClassifyBatchInput, ClassifyBatchOutput, ClassifyInput, ClassifyOutput,
                         error_response, json_response)
 from service.models import ServedModel, load_models, top_k
+from service.pages import PagesMiddleware
 from service.preprocess import ImageError, stack
 
 logger = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ class ImgServe:
 
     # -- helpers ---------------------------------------------------------------------------------
     def describe_models(self) -> dict[str, Any]:
-        return {"default": self.default,
+        return {"default": self.default, "api_key_required": self.settings.api_key is not None,
                 "models": [m.describe(self.settings.precision) for m in self.models.values()]}
 
     def _model(self, name: Optional[str]) -> ServedModel:
@@ -304,3 +305,4 @@ def _stop_supervisor(reason: str) -> None:
 
 
 ImgServe.add_asgi_middleware(GuardMiddleware, max_body_bytes=SETTINGS.max_body_bytes, api_key=SETTINGS.api_key)
+ImgServe.add_asgi_middleware(PagesMiddleware)  # / and /demo (BentoML's / loads a tracker from the internet)
