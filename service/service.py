@@ -26,7 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import bentoml
-from service import metrics, oip, repository
+from service import metrics, oip, onewrite, repository
 from service.batching import Overloaded
 from service.bundle import BundleError
 from service.config import Settings, load_settings
@@ -40,6 +40,7 @@ from service.preprocess import ImageError, stack
 logger = logging.getLogger(__name__)
 
 SETTINGS: Settings = load_settings()
+onewrite.install()  # each answer in one socket write: a killed replica sends all of it or nothing
 PROTECTED = ("/classify", "/v2/repository")  # prefixes that need the API key when one is set
 INLINE_DECODE_PIXELS = 128 * 128  # decode smaller images on the event loop (well under 1 ms)
 

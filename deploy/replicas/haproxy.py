@@ -1,0 +1,220 @@
+"""HAProxy in front of the replicas: its configuration, its process, and its runtime API.
+
+The backend has fixed server slots (``r0``..``rK``); a slot with no replica is in maintenance. A
+rolling update points a free slot at a new replica (``set server ... addr``), puts it in rotation,
+then drains and retires an old slot: no reload, so no connection is ever dropped by HAProxy itself.
+docs/scaleout.md explains each setting; the short reasons are next to them below.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BACKEND = "replicas"
+SPARE = "127.0.0.1:1"  # address of an empty slot (in maintenance: never connected to)
+
+CONFIG = """\
+global
+    maxconn {maxconn}
+    # One thread: HAProxy needs a few percent of one core here, and the replicas need the rest.
+    nbthread 1
+    stats socket {socket} mode 600 level admin
+    # Retrying a request after the replica died means HAProxy kept a copy of it: only a request that
+    # fits in one buffer can be retried, so the buffer holds a typical photo upload (docs/scaleout.md).
+    tune.bufsize {bufsize}
+    log stdout format raw local0 info
+
+defaults
+    mode http
+    log global
+    option httplog
+    option dontlog-normal  # log failed or retried requests and server state changes, not every request
+    timeout connect 1s
+    timeout client {timeout_s}s
+    timeout server {timeout_s}s
+    timeout http-request 10s
+    timeout queue 5s
+    # Receive the whole body before choosing a replica: slow uploads tie up HAProxy, not a replica,
+    # and the buffered request can be replayed on another replica.
+    option http-buffer-request
+    # Classification has no side effect, so replaying a request that got no answer is safe.
+    # Not retried: any HTTP answer, in particular a replica's 503 (overloaded): passed through with
+    # its Retry-After, so an overload is never multiplied into a retry storm.
+    retry-on conn-failure empty-response
+    retries 3
+    option redispatch 1  # every retry goes to another replica
+
+frontend imgserve
+    bind {bind}
+    default_backend {backend}
+
+backend {backend}
+    # The replica with the fewest requests in flight gets the next one (a dynamic algorithm: slots
+    # can be re-pointed at runtime).
+    balance leastconn
+    option httpchk GET /readyz
+    http-check expect status 200
+    # Active checks every {inter_ms} ms; a connection error seen on live traffic marks the replica down at
+    # once (observe layer4) instead of waiting for {fall} failed checks.
+    default-server check inter {inter_ms} fastinter {fast_ms} downinter {inter_ms} rise {rise} fall {fall} observe layer4 error-limit 1 on-error mark-down
+{servers}
+"""
+
+
+@dataclass(frozen=True)
+class Settings:
+    bind: str = "127.0.0.1:8080"
+    maxconn: int = 1024
+    bufsize: int = 262_144  # 256 KiB: a 224 px JPEG upload is 10-60 KB
+    timeout_s: int = 65  # longer than the service's own request timeout (IMGSERVE_TIMEOUT_S, 60)
+    inter_ms: int = 1000
+    fast_ms: int = 250
+    rise: int = 2
+    fall: int = 2
+
+
+def render(settings: Settings, socket_path: Path, slots: list[str | None]) -> str:
+    """haproxy.cfg for these slots: ``"127.0.0.1:PORT"`` of a replica, or None for an empty slot."""
+    servers = "\n".join(f"    server r{i} {addr}" if addr else f"    server r{i} {SPARE} disabled"
+                        for i, addr in enumerate(slots))
+    return CONFIG.format(socket=socket_path, servers=servers, backend=BACKEND, **vars(settings))
+
+
+class HAProxyError(RuntimeError):
+    """HAProxy refused a runtime command; the message has its answer."""
+
+
+class HAProxy:
+    """A haproxy process (own session, stopped by PID) and its admin socket."""
+
+    def __init__(self, workdir: Path, pid: int | None = None) -> None:
+        self.workdir = workdir
+        self.cfg = workdir / "haproxy.cfg"
+        self.socket = workdir / "haproxy.sock"
+        self.log = workdir / "haproxy.log"
+        self.pid = pid
+
+    def start(self, settings: Settings, slots: list[str | None]) -> int:
+        exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        if not Path(exe).exists():
+            raise SystemExit("haproxy is not installed: apt-get install haproxy (scripts/setup.sh does)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.cfg.write_text(render(settings, self.socket, slots))
+        check = subprocess.run([exe, "-c", "-q", "-f", str(self.cfg)], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise SystemExit(f"haproxy refused {self.cfg}:\n{check.stdout}{check.stderr}")
+        with open(self.log, "ab") as fh:
+            proc = subprocess.Popen([exe, "-db", "-f", str(self.cfg)], stdout=fh, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid = proc.pid
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"haproxy exited with {proc.returncode}; see {self.log}")
+            try:
+                self.command("show info")
+                return proc.pid
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit(f"haproxy's admin socket {self.socket} did not answer; see {self.log}")
+
+    def is_ours(self) -> bool:
+        """True when self.pid is still a haproxy running our configuration (PIDs get reused)."""
+        try:
+            cmd = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, TypeError):
+            return False
+        return any(c.endswith(b"haproxy") for c in cmd[:1]) and str(self.cfg).encode() in cmd
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGUSR1 (soft stop: finish what is in flight, then exit), SIGKILL after the grace."""
+        if not self.is_ours():
+            return
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and self.is_ours():
+            _reap(self.pid)
+            time.sleep(0.05)
+        if self.is_ours():
+            os.kill(self.pid, signal.SIGKILL)
+        _reap(self.pid)
+
+    # -- runtime API -----------------------------------------------------------------------------
+    def command(self, cmd: str) -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(self.socket))
+            s.sendall(cmd.encode() + b"\n")
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def _admin(self, cmd: str) -> None:
+        out = self.command(cmd).strip()
+        if out:  # admin commands answer nothing on success
+            raise HAProxyError(f"haproxy: {cmd!r}: {out}")
+
+    def stats(self) -> dict[str, dict[str, str]]:
+        """``show stat`` rows of the backend by server name (r0, r1, ...; "BACKEND": the backend's totals)."""
+        text = self.command("show stat").lstrip("# ")
+        rows = csv.DictReader(io.StringIO(text))
+        return {r["svname"]: r for r in rows if r["pxname"] == BACKEND}
+
+    def point(self, slot: int, port: int) -> None:
+        """Aim an empty (maintenance) slot at a replica on 127.0.0.1:port."""
+        out = self.command(f"set server {BACKEND}/r{slot} addr 127.0.0.1 port {port}")
+        if "changed" not in out and "no need to change" not in out:
+            raise HAProxyError(f"haproxy: set addr of r{slot}: {out.strip()}")
+
+    def ready(self, slot: int) -> None:
+        """Put a slot in rotation. HAProxy counts it up at once (then checks it): call this only
+        once the replica answered /readyz 200 itself."""
+        self._admin(f"set server {BACKEND}/r{slot} state ready")
+
+    def drain(self, slot: int) -> None:
+        """No new requests to this slot; what it has in flight finishes."""
+        self._admin(f"set server {BACKEND}/r{slot} state drain")
+
+    def maint(self, slot: int) -> None:
+        self._admin(f"set server {BACKEND}/r{slot} state maint")
+
+    def in_flight(self, slot: int) -> int:
+        return int(self.stats()[f"r{slot}"]["scur"] or 0)
+
+    def status(self, slot: int) -> str:
+        return self.stats()[f"r{slot}"]["status"]
+
+    def wait_status(self, slot: int, prefix: str, timeout_s: float) -> float:
+        """Wait until the slot's status starts with ``prefix`` (UP, DOWN, MAINT, DRAIN); seconds taken."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if self.status(slot).startswith(prefix):
+                return time.monotonic() - t0
+            time.sleep(0.05)
+        raise TimeoutError(f"r{slot} not {prefix} after {timeout_s:.0f} s: {self.status(slot)}")
+
+    def wait_idle(self, slot: int, timeout_s: float) -> float:
+        """Wait until a draining slot has nothing in flight; seconds taken."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if self.in_flight(slot) == 0:
+                return time.monotonic() - t0
+            time.sleep(0.05)
+        raise TimeoutError(f"r{slot} still has {self.in_flight(slot)} requests in flight after {timeout_s:.0f} s")
+
+
+def _reap(pid: int | None) -> None:
+    """Collect the exit status if the process is our child (else it stays a zombie of ours)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except (ChildProcessError, TypeError):
+        pass
