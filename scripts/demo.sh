@@ -24,6 +24,8 @@ else
   echo "[demo] reusing the bundle $BUNDLE (newer than the checkpoint)"
 fi
 
+# SERVE=0: stop here (what `make image` needs: the bundle in the BentoML model store).
+[ "${SERVE:-1}" = 1 ] || exit 0
 echo "[demo] serving $BUNDLE on http://127.0.0.1:3000 (Swagger UI at /; Ctrl+C stops)"
 echo "[demo]   curl -F image=@photo.png http://127.0.0.1:3000/classify"
 export IMGSERVE_MODELS=${IMGSERVE_MODELS:-$BUNDLE} BENTOML_DO_NOT_TRACK=${BENTOML_DO_NOT_TRACK:-true}

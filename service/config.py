@@ -17,12 +17,14 @@
 | IMGSERVE_MAX_IMAGES | 64 | files per /classify_batch request (413) |
 | IMGSERVE_TIMEOUT_S | 60 | BentoML request timeout |
 | IMGSERVE_API_KEY | (unset) | when set, /classify*, OIP inference and the model repository API need `Authorization: Bearer KEY` (401 otherwise) |
+| IMGSERVE_API_KEY_FILE | (unset) | the key read from this file instead (a mounted secret; surrounding whitespace dropped) |
 | IMGSERVE_MODEL_CONTROL | none | none or explicit: explicit allows loading and unloading models through the OIP model repository API (docs/protocol.md) |
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 from service.backends import cpu_count
@@ -121,6 +123,22 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_pixels=_int(env, "IMGSERVE_MAX_PIXELS", 40_000_000),
         max_images=_int(env, "IMGSERVE_MAX_IMAGES", 64),
         timeout_s=_int(env, "IMGSERVE_TIMEOUT_S", 60),
-        api_key=env.get("IMGSERVE_API_KEY") or None,
+        api_key=_api_key(env),
         model_control=_choice(env, "IMGSERVE_MODEL_CONTROL", "none", ("none", "explicit")),
     )
+
+
+def _api_key(env: Mapping[str, str]) -> str | None:
+    """IMGSERVE_API_KEY, or the content of IMGSERVE_API_KEY_FILE (a secret mounted into a container)."""
+    key, path = env.get("IMGSERVE_API_KEY") or None, env.get("IMGSERVE_API_KEY_FILE") or None
+    if path is None:
+        return key
+    if key is not None:
+        raise ConfigError("set IMGSERVE_API_KEY or IMGSERVE_API_KEY_FILE, not both")
+    try:
+        key = Path(path).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"IMGSERVE_API_KEY_FILE={path!r} cannot be read: {e.strerror}") from None
+    if not key:
+        raise ConfigError(f"IMGSERVE_API_KEY_FILE={path!r} is empty")
+    return key

@@ -32,6 +32,20 @@ def test_settings_never_show_the_key() -> None:
     assert "hunter2" not in repr(load_settings({"IMGSERVE_API_KEY": "hunter2"}))
 
 
+def test_api_key_from_a_mounted_file(tmp_path: Path) -> None:
+    """IMGSERVE_API_KEY_FILE: the key comes from a file (a container secret), never from an image layer."""
+    secret = tmp_path / "api-key"
+    secret.write_text("s3cret-from-file\n")
+    assert load_settings({"IMGSERVE_API_KEY_FILE": str(secret)}).api_key == "s3cret-from-file"
+    with pytest.raises(ConfigError, match="not both"):
+        load_settings({"IMGSERVE_API_KEY_FILE": str(secret), "IMGSERVE_API_KEY": "x"})
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_settings({"IMGSERVE_API_KEY_FILE": str(tmp_path / "missing")})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_settings({"IMGSERVE_API_KEY_FILE": str(tmp_path / "empty")})
+
+
 def _copy(bundle: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "b"
     shutil.copytree(bundle, dst)

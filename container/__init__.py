@@ -1,0 +1,1 @@
+"""Serving images from the bento: ``make image`` / ``python -m container build`` (docs/container.md)."""

@@ -1,0 +1,52 @@
+"""`python -m container build [--flavour cpu|gpu] [--base auto|stock|local] [--engine auto|podman|docker]`.
+
+Builds the serving image from the bento (bentoml build + bentoml containerize) and prints its name,
+base and size. `python -m container base` only makes the local Debian base image.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import logging
+import subprocess
+from pathlib import Path
+
+from container.build import LOCAL_BASE, ROOT, WORK, BuildOptions, build_image
+from container.engines import get_engine, list_engines
+from container.flavours import list_flavours
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m container", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="bento -> image")
+    b.add_argument("--flavour", default="cpu", choices=list_flavours(), help="cpu (default) or gpu")
+    b.add_argument("--base", default="auto", choices=("auto", "stock", "local"),
+                   help="stock: the bentofile's base (python:3.11-slim, nvidia/cuda); local: the Debian base "
+                        "made by container/base.sh; auto (default): stock when it can be pulled, else local")
+    b.add_argument("--engine", default="auto", choices=("auto", *list_engines()),
+                   help="auto (default): docker when its daemon answers, else podman")
+    b.add_argument("--bundle", type=Path, default=None,
+                   help="bundle to bake in (imported into the BentoML model store first; its name must be the "
+                        "bentofile's model, `default`); default: the store's `default:latest`")
+    b.add_argument("--name", default="imgserve", help="image name (tags FLAVOUR and BENTOVERSION-FLAVOUR)")
+    s = sub.add_parser("base", help=f"make the local Debian base image {LOCAL_BASE}")
+    s.add_argument("--engine", default="auto", choices=("auto", *list_engines()))
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[image] %(message)s")
+
+    if a.cmd == "base":
+        engine = get_engine(a.engine, WORK)
+        subprocess.run([str(ROOT / "container" / "base.sh"), LOCAL_BASE], check=True,
+                       env={**os.environ, **engine.env, "ENGINE": engine.name})
+        return 0
+    built = build_image(BuildOptions(a.flavour, a.base, a.engine, a.bundle, a.name))
+    print(f"[image] {built.image} (also {built.alias}): {built.size_bytes / 1e6:.0f} MB, {built.flavour} flavour, "
+          f"base {built.base}, engine {built.engine}, containerize {built.containerize_s:.0f} s")
+    print(f"[image] run: {built.engine} run --rm -p 3000:3000 {built.alias}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
