@@ -6,9 +6,11 @@ base and size. `python -m container base` only makes the local Debian base image
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import logging
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 
 from container.build import LOCAL_BASE, ROOT, WORK, BuildOptions, build_image
@@ -31,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="bundle to bake in (imported into the BentoML model store first; its name must be the "
                         "bentofile's model, `default`); default: the store's `default:latest`")
     b.add_argument("--name", default="imgserve", help="image name (tags FLAVOUR and BENTOVERSION-FLAVOUR)")
+    b.add_argument("--report", type=Path, default=None, help="also write the result (image, size, ...) as JSON here")
     s = sub.add_parser("base", help=f"make the local Debian base image {LOCAL_BASE}")
     s.add_argument("--engine", default="auto", choices=("auto", *list_engines()))
     a = ap.parse_args(argv)
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                        env={**os.environ, **engine.env, "ENGINE": engine.name})
         return 0
     built = build_image(BuildOptions(a.flavour, a.base, a.engine, a.bundle, a.name))
+    if a.report:
+        a.report.write_text(json.dumps(asdict(built), indent=2))
     print(f"[image] {built.image} (also {built.alias}): {built.size_bytes / 1e6:.0f} MB, {built.flavour} flavour, "
           f"base {built.base}, engine {built.engine}, containerize {built.containerize_s:.0f} s")
     print(f"[image] run: {built.engine} run --rm -p 3000:3000 {built.alias}")

@@ -10,14 +10,13 @@ as a build argument. One build at a time per host (a lock file): image builds us
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -69,9 +68,7 @@ def build_image(opts: BuildOptions) -> Built:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one image build at a time on this host
         base = resolve_base(opts.base, engine, flavour, stock_base(bento))
         took = containerize(engine, bento, [image, alias], base, WORK / f"containerize-{flavour.name}.log")
-    built = Built(image, alias, bento, flavour.name, engine.name, base, engine.image_size(image), took)
-    (WORK / f"image-{flavour.name}.json").write_text(json.dumps(asdict(built), indent=2))
-    return built
+    return Built(image, alias, bento, flavour.name, engine.name, base, engine.image_size(image), took)
 
 
 def served_model(bentofile: Path) -> str:

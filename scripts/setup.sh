@@ -20,6 +20,11 @@ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need_apt+=(hap
 # Chromium and its WebDriver: the demo page's browser tests (headless, tests/demo).
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
+# Container images (make image, tests/container): podman with runc (crun fails on cgroup-v1 hosts),
+# debootstrap for the local Debian base where no public image registry is reachable.
+command -v podman >/dev/null 2>&1 || command -v docker >/dev/null 2>&1 || need_apt+=(podman)
+command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] || need_apt+=(runc)
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
   as_root apt-get update -qq || true
