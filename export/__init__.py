@@ -1,7 +1,7 @@
 """Export stage: checkpoint -> bundle (ONNX, TorchScript, manifest) behind a parity gate.
 
-Kept import-light on purpose: ``export.manifest`` is imported by the service, which must not load
-torch, so the heavy entry points are resolved lazily here.
+Importing ``export`` loads nothing heavy: the entry points are resolved lazily here. The bundle
+format itself (reading, validating, hashing) lives in the torch-free ``imgformat`` package.
 """
 from __future__ import annotations
 

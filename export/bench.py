@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from export.manifest import load_manifest
+from imgformat.bundle import load_manifest
 
 log = logging.getLogger("export.bench")
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from export.manifest import ManifestError
+    from imgformat.bundle import ManifestError
 
     try:
         rows = bench(args.bundle, args.batch_sizes, args.rounds, args.seconds, args.threads,

@@ -21,12 +21,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from export import manifest as mf
 from export.backends import cuda_available, ort_backend, torch_backend
 from export.onnx_export import DEFAULT_OPSET, export_onnx, export_torchscript
 from export.parity import Tolerances, format_table, parity_gate
 from export.samples import SamplesError, resolve_samples
 from export.wrap import wrap_model
+import imgformat.bundle as mf
+from imgformat.constants import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, NAME_RE
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,6 @@ class ExportOptions:
     bentoml: bool = False
     force: bool = False
     seed: int = 0
-
-
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
 def default_name(checkpoint: Path, arch: str) -> str:
@@ -216,7 +214,7 @@ def build_manifest(ckpt: dict[str, Any], checkpoint: Path, name: str, version: s
                    parity: dict[str, Any], extra: dict[str, Any], created: _dt.datetime) -> dict[str, Any]:
     pre = ckpt["preprocess"]
     manifest = {
-        "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION,
+        "format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION,
         "name": name, "version": version,
         "architecture": _jsonable(ckpt["model"]),
         "class_names": [str(c) for c in ckpt["class_names"]], "num_classes": int(ckpt["num_classes"]),

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from export import manifest as mf
+import imgformat.bundle as mf
 from export.backends import cuda_available, ort_backend, torch_backend
 from export.onnx_export import export_onnx
 from export.parity import Tolerances, format_table, parity_gate

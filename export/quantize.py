@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import onnx
 
-from export import manifest as mf
+import imgformat.bundle as mf
 from export.backends import ort_session
 from export.parity import run_batched
 from export.samples import SamplesError, resolve_samples

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from export.manifest import MANIFEST_NAME, load_manifest, verify_files
+from imgformat.bundle import MANIFEST_NAME, load_manifest, verify_files
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
     .venv/bin/python -m loadtests.bench --bundle bundles/default
     .venv/bin/python -m loadtests.bench --bundle bundles/r18 --image china --precision int8 --duration 20s
 
-1. In-process limit (no HTTP): decode + preprocess (the service's own ``service.preprocess``) +
+1. In-process limit (no HTTP): decode + preprocess (the one pipeline, ``imgformat.preprocess``) +
    onnxruntime (the service's own backend settings) at batch sizes 1..32, and onnxruntime alone,
    in img/s, with onnxruntime's CPU time per image.
 2. Starts the service (`bentoml serve`, its own session on a free 127.0.0.1 port) and drives it with
@@ -99,8 +99,8 @@ def measure_inproc(bundle: Path, precision: str, image: bytes, batches: list[int
     """The limit without HTTP, with the service's own bundle reader, preprocessing and backend."""
     try:
         from service.backends import create_backend
-        from service.bundle import load_bundle
-        from service.preprocess import Preprocessor
+        from imgformat.bundle import load_bundle
+        from imgformat.preprocess import Preprocessor
     except ImportError as e:
         raise SystemExit(f"the service package is not importable ({e}); run from the repository root after make setup")
     b = load_bundle(bundle)

@@ -12,9 +12,10 @@ import numpy as np
 
 from service.backends import Backend, create_backend
 from service.batching import create_batcher
-from service.bundle import Bundle, BundleError, load_bundle, NAME_RE
+from imgformat.bundle import Bundle, BundleError, load_bundle
+from imgformat.constants import NAME_RE
 from service.config import ModelSource, Settings
-from service.preprocess import Preprocessor
+from imgformat.preprocess import Preprocessor
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def resolve_source(src: ModelSource) -> Path:
         return Path(bentoml.models.get(src.location).path)
     except bentoml.exceptions.NotFound:
         raise BundleError(f"model {src.location!r} is not in the BentoML model store "
-                          f"(`python -m service.store import BUNDLE_DIR` adds one; `bentoml models list` shows them)") from None
+                          f"(`python -m export CHECKPOINT --out DIR --bentoml` adds one; `bentoml models list` shows them)") from None
 
 
 def load_model(src: ModelSource, settings: Settings, executor: Executor) -> ServedModel:

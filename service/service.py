@@ -26,16 +26,16 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import bentoml
+from imgformat.bundle import BundleError
+from imgformat.preprocess import ImageError, stack
 from service import metrics, oip, onewrite, repository
 from service.batching import Overloaded
-from service.bundle import BundleError
 from service.config import Settings, load_settings
 from service.errors import Refused as _Refused
 from service.io import (TOO_LARGE_KEY, BadField, ClassifyBatchInput, ClassifyBatchOutput, ClassifyInput, ClassifyOutput,
                         error_response, json_response)
 from service.models import ServedModel, load_models, top_k
 from service.pages import PagesMiddleware
-from service.preprocess import ImageError, stack
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import torch
 import torchvision
 
 import training
+from imgformat.constants import CHECKPOINT_FORMAT as FORMAT, CHECKPOINT_FORMAT_VERSION as FORMAT_VERSION
+from imgformat.schema import check_preprocess
 
-FORMAT = "imgserve.checkpoint"
-FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model", "num_classes", "in_channels", "input_size", "preprocess", "class_names", "state_dict")
 
 
@@ -33,6 +33,7 @@ def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> Path:
     data = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **ckpt}
     missing = [k for k in REQUIRED_KEYS if k not in data]
     assert not missing, f"checkpoint is missing {missing}"
+    check_preprocess(data["preprocess"], "checkpoint preprocess", CheckpointError)  # what export will read
     data["state_dict"] = {k: v.detach().cpu() for k, v in data["state_dict"].items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -64,6 +65,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise CheckpointError(f"{path} is missing checkpoint keys: {', '.join(missing)}")
+    check_preprocess(data["preprocess"], f"{path}: preprocess", CheckpointError)
     return data
 
 

@@ -24,12 +24,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
+from imgformat.spec import make_preprocess
 from training import distributed as dist
 from training import transfer
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.datasets import DataSplits, get_dataset
 from training.models import build_model, get_model_spec
-from training.transforms import _INTERPOLATION, eval_transform, make_preprocess, resize_transform, to_color_mode
+from training.transforms import _INTERPOLATION, eval_transform, resize_transform, to_color_mode
 
 log = logging.getLogger(__name__)
 

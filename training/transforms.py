@@ -13,28 +13,6 @@ _INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.Interpo
                   "nearest": T.InterpolationMode.NEAREST}
 
 
-def make_preprocess(*, channels: int, input_size: int, mean, std, resize_policy: str = "stretch",
-                    resize_size: int | None = None, interpolation: str = "bilinear",
-                    alpha_background=(0, 0, 0)) -> dict[str, Any]:
-    """Build and validate the ``preprocess`` dict stored in checkpoints."""
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    if resize_policy not in ("stretch", "shorter_side_center_crop"):
-        raise ValueError(f"unknown resize policy {resize_policy!r}; valid: stretch, shorter_side_center_crop")
-    if interpolation not in _INTERPOLATION:
-        raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(_INTERPOLATION)}")
-    mean, std = [float(m) for m in mean], [float(s) for s in std]
-    if len(mean) != channels or len(std) != channels:
-        raise ValueError(f"mean/std need {channels} values, got {mean} / {std}")
-    if resize_size is None:
-        resize_size = input_size if resize_policy == "stretch" else round(input_size / 0.875)
-    return {
-        "color_mode": "L" if channels == 1 else "RGB", "channels": channels, "input_size": int(input_size),
-        "resize_policy": resize_policy, "resize_size": int(resize_size), "interpolation": interpolation,
-        "mean": mean, "std": std, "alpha_background": [int(c) for c in alpha_background],
-    }
-
-
 def to_color_mode(img: Image.Image, color_mode: str, background=(0, 0, 0)) -> Image.Image:
     """Convert any PIL image to ``color_mode`` ("L" or "RGB"), compositing transparency on ``background``."""
     if img.mode == color_mode:

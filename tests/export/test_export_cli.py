@@ -13,7 +13,7 @@ import torch
 
 from export import GateError, export_bundle
 from export.cli import main
-from export.manifest import load_manifest, verify_files
+from imgformat.bundle import load_manifest, verify_files
 from training.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).parents[2]
@@ -69,7 +69,7 @@ def test_cli_bentoml_store(digits_checkpoint, tmp_path):
     listed = subprocess.run([sys.executable, "-m", "bentoml", "models", "list"], env=env, capture_output=True,
                             text=True, timeout=120)
     assert "digits" in listed.stdout and "v1" in listed.stdout, listed.stdout + listed.stderr
-    code = ("import bentoml, sys; from export.manifest import load_manifest, verify_files;"
+    code = ("import bentoml, sys; from imgformat.bundle import load_manifest, verify_files;"
             "m = bentoml.models.get('digits:v1'); d = m.path; man = load_manifest(d); verify_files(d, man);"
             "assert m.info.labels['architecture'] == 'simple_cnn', m.info.labels;"
             "assert m.info.metadata['parity_passed'] is True; print('ok')")

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from export import export_bundle
-from export.manifest import load_manifest, verify_files
+from imgformat.bundle import load_manifest, verify_files
 from training.checkpoint import save_checkpoint
 from training.models import build_model, list_models
-from training.transforms import make_preprocess
+from imgformat.spec import make_preprocess
 
 # ResNets at 32 px RGB with their ImageNet stem (small_stem=False): 1 px at layer4 keeps them fast
 BIG = {name for name in list_models() if name.startswith("resnet")}

@@ -59,7 +59,7 @@ CASES: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "manifest_wrong_input": (lambda b: _manifest(b, lambda m: m["input"].update(dtype="float32")), "{b}", "uint8 NHWC"),
     "name_traversal": (lambda b: _manifest(b, lambda m: m.update(name="../../etc")), "{b}", "must match"),
     "name_slash": (lambda b: _manifest(b, lambda m: m.update(name="a/b")), "{b}", "must match"),
-    # the manifest schema (export/manifest.schema.json) or the path check: either names the entry
+    # the manifest schema (imgformat/schemas/manifest.schema.json) or the path check: either names the entry
     "file_entry_traversal": (lambda b: _rename_file(b, "../model.onnx"), "{b}", "'../model.onnx'"),
     "file_entry_absolute": (lambda b: _rename_file(b, "/etc/passwd"), "{b}", "'/etc/passwd'"),
     "symlink_model_out": (lambda b: _symlink_out(b, "model.onnx"), "{b}", "outside the bundle directory"),
@@ -83,7 +83,7 @@ def broken_bundle(rel_bundle: Path, tmp: Path, case: str) -> str:
 @pytest.mark.parametrize("case", list(CASES))
 def test_refused_in_process_nothing_loaded(rel_bundle, tmp_path, monkeypatch, case: str) -> None:
     from service import models
-    from service.bundle import BundleError
+    from imgformat.bundle import BundleError
     from service.config import load_settings
 
     opened = []

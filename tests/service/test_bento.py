@@ -41,9 +41,11 @@ def test_bento_build(bundle: Path, tmp_path: Path) -> None:
     routes = {r["route"] for r in meta["schema"]["routes"]}
     assert {"/classify", "/classify_batch"} <= routes, routes
     files = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()}
-    assert {"service/service.py", "service/preprocess.py", "export/manifest.py", "service/pages.py",
-            "service/static/demo.html", "service/static/demo.js"} <= files, files
-    assert not any(f.startswith(("tests/", "training/", "runs/", "bundles/", ".venv/")) for f in files), files
+    assert {"service/service.py", "service/pages.py", "service/static/demo.html", "service/static/demo.js",
+            "imgformat/preprocess.py", "imgformat/bundle.py",
+            "imgformat/schemas/manifest.schema.json", "imgformat/schemas/preprocess.schema.json"} <= files, files
+    # serving needs service/ + imgformat/ only
+    assert not any(f.startswith(("tests/", "training/", "export/", "runs/", "bundles/", ".venv/")) for f in files), files
 
     reqs = (bento / "env" / "python" / "requirements.txt").read_text().split()
     for pin in ("bentoml==1.4.39", "pillow==", "numpy==", "onnxruntime=="):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service.backends import create_backend, list_backends
-from service.bundle import BundleError, load_bundle
+from imgformat.bundle import BundleError, load_bundle
 from service.config import ConfigError, load_settings, parse_models
 
 

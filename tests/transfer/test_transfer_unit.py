@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from imgformat.spec import make_preprocess
 from training.checkpoint import save_checkpoint
 from training.models import build_model, get_model_spec
 from training.transfer import (FREEZE_POLICIES, PretrainedError, apply_freeze, imagenet_state_dict,
@@ -20,7 +21,9 @@ def _resnet(num_classes=10, in_channels=1, input_size=16, **kw) -> nn.Module:
 def _ckpt(model: nn.Module, name="resnet18", **kwargs) -> dict:
     kwargs = {"num_classes": 10, "in_channels": 1, "input_size": 16, **kwargs}
     return {"model": {"name": name, "kwargs": kwargs}, "num_classes": kwargs["num_classes"],
-            "in_channels": kwargs["in_channels"], "input_size": kwargs["input_size"], "preprocess": {},
+            "in_channels": kwargs["in_channels"], "input_size": kwargs["input_size"],
+            "preprocess": make_preprocess(channels=kwargs["in_channels"], input_size=kwargs["input_size"],
+                                          mean=[0.5] * kwargs["in_channels"], std=[0.25] * kwargs["in_channels"]),
             "class_names": [str(i) for i in range(kwargs["num_classes"])], "state_dict": model.state_dict()}
 
 

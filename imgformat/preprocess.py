@@ -1,8 +1,8 @@
-"""Upload bytes -> uint8 pixels (H, W, C) exactly as ``training.transforms.eval_transform`` sees them.
+"""Upload bytes -> uint8 pixels (H, W, C): the one decode/preprocess pipeline (docs/FORMATS.md).
 
-The bundle's model files take raw uint8 NHWC pixels and normalise inside the graph
-(docs/FORMATS.md), so serving only decodes, converts the colour mode and resizes/crops, all in
-uint8 with PIL and NumPy (no torch). Everything comes from the manifest's ``preprocessing``.
+The bundle's model files take raw uint8 NHWC pixels and normalise inside the graph, so this only
+decodes, converts the colour mode and resizes/crops, all in uint8 with PIL and NumPy (no torch).
+Everything comes from the checkpoint's ``preprocess`` / the manifest's ``preprocessing``.
 
 Reproducing torchvision exactly:
 - ``Resize(n)`` keeps the aspect ratio with ``long = int(n * long / short)``; ``CenterCrop`` starts at
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import struct
 import warnings
 from dataclasses import dataclass
@@ -205,7 +204,3 @@ def stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
     if len(arrays) == 1 and arrays[0].ndim == 4:
         return np.ascontiguousarray(arrays[0])
     return np.concatenate([a if a.ndim == 4 else a[None] for a in arrays], axis=0)
-
-
-def retry_after_seconds(wait_s: float) -> int:
-    return max(1, math.ceil(wait_s))

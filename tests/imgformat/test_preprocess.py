@@ -1,6 +1,6 @@
 """The service's PIL/NumPy preprocessing equals training's PyTorch eval pipeline, and refuses bad uploads.
 
-No server here: these compare ``service.preprocess.Preprocessor`` with
+No server here: these compare ``imgformat.preprocess.Preprocessor`` with
 ``training.transforms.eval_transform`` pixel by pixel on real images (sklearn's photos, digits).
 """
 from __future__ import annotations
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.preprocess import ImageError, Preprocessor
-from training.transforms import eval_transform, make_preprocess
+from imgformat.preprocess import ImageError, Preprocessor
+from imgformat.spec import make_preprocess
+from training.transforms import eval_transform
 
 MAX_PIXELS = 4_000_000
 
