@@ -45,9 +45,9 @@ def _oip(head: dict, tensor: bytes | None) -> tuple[bytes, dict[str, str]]:
 
 def bodies(bundle: Path, image: bytes, filename: str) -> dict[str, tuple[str, bytes, dict[str, str]]]:
     """kind -> (path, body, wrk env) for the default model of ``bundle``."""
-    from service.bundle import load_bundle
+    from imgformat.bundle import load_bundle
     from service.oip_tensors import join_bytes
-    from service.preprocess import Preprocessor
+    from imgformat.preprocess import Preprocessor
 
     b = load_bundle(bundle)
     name, inp = b.name, b.manifest["input"].get("name", "image")

@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from service.backends import Backend, create_backend
-from service.batching import create_batcher
 from imgformat.bundle import Bundle, BundleError, load_bundle
 from imgformat.constants import NAME_RE
-from service.config import ModelSource, Settings
 from imgformat.preprocess import Preprocessor
+from service.backends import Backend, create_backend
+from service.batching import create_batcher
+from service.config import ModelSource, Settings
 
 logger = logging.getLogger(__name__)
 

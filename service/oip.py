@@ -20,13 +20,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import bentoml
+from imgformat.preprocess import ImageError
 from service import metrics
 from service.errors import Refused
 from service.io import TOO_LARGE_KEY, Upload, error_response, json_response
 from service.models import ServedModel, softmax
 from service.oip_tensors import (HEADER_LENGTH, InferRequest, InputTensor, OutputTensor, RequestedOutput,
                                  encode_response, parse_request)
-from service.preprocess import ImageError
 
 SERVER_NAME = "imgserve"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]

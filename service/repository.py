@@ -27,8 +27,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import bentoml
+from imgformat.constants import NAME_RE
 from service import metrics
-from service.bundle import NAME_RE
 from service.config import ModelSource
 from service.errors import Refused
 from service.io import error_response, json_response

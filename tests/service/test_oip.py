@@ -101,8 +101,8 @@ def test_classification_scores_are_classify_scores(client, files, classify):
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_uint8_pixels_match_bytes(client, bundle, files, binary):
     """UINT8 [N, H, W, C] preprocessed by the service's own Preprocessor = the same files as BYTES."""
-    from service.bundle import load_bundle
-    from service.preprocess import Preprocessor
+    from imgformat.bundle import load_bundle
+    from imgformat.preprocess import Preprocessor
 
     pre = Preprocessor.from_manifest(load_bundle(bundle).manifest["preprocessing"], max_pixels=10**7)
     pixels = np.stack([pre(f) for f in files])
