@@ -85,8 +85,8 @@ def import_bundle(bundle: Path, name: str) -> str:
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from export.manifest import load_manifest
     from export.store import import_to_bentoml
+    from imgformat.bundle import load_manifest
 
     manifest = load_manifest(bundle)
     if manifest["name"] != name:
