@@ -47,9 +47,16 @@ OUTPUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"logits": _logits, "pr
 
 # -- health and metadata -------------------------------------------------------------------------
 async def server_metadata(request: Request) -> Response:
-    from importlib.metadata import version
+    return json_response({"name": SERVER_NAME, "version": _version(), "extensions": EXTENSIONS})
 
-    return json_response({"name": SERVER_NAME, "version": version("imgserve"), "extensions": EXTENSIONS})
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("imgserve")
+    except PackageNotFoundError:  # run from a source tree that was never pip-installed
+        return "unknown"
 
 
 async def live(request: Request) -> Response:
