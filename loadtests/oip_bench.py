@@ -4,7 +4,7 @@
 
 For each case (BUNDLE:IMAGE, IMAGE as in ``loadtests.bench``: fashion, digit, china, flower or a
 file) one ``bentoml serve``, then wrk (``wrk_post.lua``, one prebuilt body) at each concurrency for
-each way of asking the same question, "the top 5 classes of this image":
+each way of asking the same question, "the top 5 classes of this image" (fewer if the model has fewer):
   multipart   POST /classify, the file as form field ``image``, top_k=5
   oip-bytes   POST /v2/models/M/infer, binary tensor data: BYTES [1] (the file), output
               ``probabilities`` with classification 5, returned as binary data
@@ -21,6 +21,7 @@ import base64
 import json
 import logging
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -51,10 +52,11 @@ def bodies(bundle: Path, image: bytes, filename: str) -> dict[str, tuple[str, by
 
     b = load_bundle(bundle)
     name, inp = b.name, b.manifest["input"].get("name", "image")
+    k = min(TOP_K, len(b.manifest["class_names"]))
     pixels = Preprocessor.from_manifest(b.manifest["preprocessing"], max_pixels=10**9)(image)[None]  # (1, H, W, C)
-    out = [{"name": "probabilities", "parameters": {"classification": TOP_K, "binary_data": True}}]
+    out = [{"name": "probabilities", "parameters": {"classification": k, "binary_data": True}}]
     path = f"/v2/models/{name}/infer"
-    form, ctype = multipart({"top_k": str(TOP_K)}, [("image", (filename, image, "application/octet-stream"))])
+    form, ctype = multipart({"top_k": str(k)}, [("image", (filename, image, "application/octet-stream"))])
     files = join_bytes([image])
     return {
         "multipart": ("/classify", form, {"CONTENT_TYPE": ctype}),
@@ -65,7 +67,7 @@ def bodies(bundle: Path, image: bytes, filename: str) -> dict[str, tuple[str, by
                                   pixels.tobytes())),
         "oip-json": (path, *_oip({"inputs": [{"name": inp, "datatype": "BYTES", "shape": [1],
                                               "data": [base64.b64encode(image).decode()]}],
-                                  "outputs": [{"name": "probabilities", "parameters": {"classification": TOP_K}}]},
+                                  "outputs": [{"name": "probabilities", "parameters": {"classification": k}}]},
                                  None)),
     }
 
@@ -92,8 +94,11 @@ def check(url: str, cases: dict[str, tuple[str, bytes, dict[str, str]]]) -> None
         if "HEADER_LENGTH" in env:
             headers["Inference-Header-Content-Length"] = env["HEADER_LENGTH"]
         req = urllib.request.Request(url + path, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=60) as r:
-            labels[kind] = _top1(kind, r.status, r.read(), r.headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                labels[kind] = _top1(kind, r.status, r.read(), r.headers)
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"{kind}: HTTP {e.code}: {e.read()[:300]!r}") from None
     if len(set(labels.values())) != 1:
         raise RuntimeError(f"the kinds disagree on the top class: {labels}")
 
