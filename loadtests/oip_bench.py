@@ -112,10 +112,15 @@ def run_case(bundle: Path, image_spec: str, kinds: list[str], concs: list[int], 
     with server.start():
         server.wait_ready()
         check(server.url, cases)
+        files = {}
         for kind, (path, body, wrk_env) in cases.items():
-            body_file = out / f"body-{bundle.name}-{kind}.bin"
-            body_file.write_bytes(body)
-            for r in measure_server(server, path, {**wrk_env, "BODY_FILE": str(body_file)}, concs, duration_s):
+            files[kind] = out / f"body-{bundle.name}-{kind}.bin"
+            files[kind].write_bytes(body)
+        # Kinds interleaved at each concurrency: a shared machine's load drifts, and the figures
+        # compared with each other should be measured as close in time as possible.
+        for c in concs:
+            for kind, (path, body, wrk_env) in cases.items():
+                (r,) = measure_server(server, path, {**wrk_env, "BODY_FILE": str(files[kind])}, [c], duration_s)
                 rows.append({"bundle": bundle.name, "image": image_spec, "image_bytes": len(image), "kind": kind,
                              "body_bytes": len(body), "concurrency": r.concurrency, "ok_rps": round(r.ok_rps, 1),
                              "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors,
