@@ -46,6 +46,8 @@ def test_bento_build(bundle: Path, tmp_path: Path) -> None:
             "imgformat/schemas/manifest.schema.json", "imgformat/schemas/preprocess.schema.json"} <= files, files
     # serving needs service/ + imgformat/ only
     assert not any(f.startswith(("tests/", "training/", "export/", "runs/", "bundles/", ".venv/")) for f in files), files
+    missing = {f"service/{p.name}" for p in (ROOT / "service").glob("*.py")} - files
+    assert not missing, f"bentofile.yaml's include misses {sorted(missing)}: the image would fail to import them"
 
     reqs = (bento / "env" / "python" / "requirements.txt").read_text().split()
     for pin in ("bentoml==1.4.39", "pillow==", "numpy==", "onnxruntime=="):
