@@ -7,18 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from container.build import WORK
 from container.engines import Engine, get_engine
-
-ROOT = Path(__file__).resolve().parents[2]
-IMAGE_NAME = "imgserve-test"
+from ctr_run import LIMITS, build_image_cli
+from loadtests.servectl import start_service
 
 
 @pytest.fixture(scope="session")
@@ -46,16 +42,16 @@ def default_bundle(digits_bundle, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cpu_image(engine, default_bundle, tmp_path_factory) -> dict:
     """`python -m container build --flavour cpu` in a private BENTOML_HOME; returns its report."""
-    tmp = tmp_path_factory.mktemp("ctr-build")
-    report = tmp / "image.json"
-    env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml_home"), "BENTOML_DO_NOT_TRACK": "true"}
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "container", "build", "--flavour", "cpu", "--engine", engine.name,
-                          "--bundle", str(default_bundle), "--name", IMAGE_NAME, "--report", str(report)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    assert out.returncode == 0, f"image build failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
-    built = json.loads(report.read_text())
-    print(f"\nbuilt {built['image']} in {time.perf_counter() - t0:.0f} s: {built['size_bytes'] / 1e6:.0f} MB, "
-          f"base {built['base']}")
+    built = build_image_cli(engine, "cpu", "auto", default_bundle, tmp_path_factory.mktemp("ctr-build"))
     yield built
     engine.run("rmi", built["image"], check=False)  # the FLAVOUR alias stays: it keeps the layers cached
+
+
+@pytest.fixture(scope="session")
+def process(default_bundle, digits_bundle, tmp_path_factory):
+    """The same bundles served as a process (`bentoml serve`): `default` and `digits`."""
+    tmp = tmp_path_factory.mktemp("ctr-process")
+    srv = start_service({"IMGSERVE_MODELS": f"{default_bundle},digits={digits_bundle}", **LIMITS},
+                        tmp / "serve.log", tmp / "bentoml_home")
+    yield srv
+    srv.stop()

@@ -6,46 +6,14 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from ctr_run import Container, start_container
-from loadtests.payloads import bad_cases, fashion_pngs, photo_jpegs, sample_photo_path
-from loadtests.servectl import start_service
+from ctr_run import LIMITS, READ_ONLY, Container, classify, healthcheck, inputs, start_container
+from loadtests.payloads import bad_cases, photo_jpegs
 
 MAX_IMAGE_BYTES = 700e6  # the issue's bound for the CPU image
-LIMITS = {"IMGSERVE_MAX_BODY_BYTES": "3000000", "IMGSERVE_MAX_PIXELS": "4000000", "IMGSERVE_MAX_IMAGES": "4"}
-READ_ONLY = ["--read-only", "--tmpfs", "/tmp"]  # what docker needs too; BENTOML_HOME is under /tmp
-
-
-def _inputs() -> dict[str, tuple[str, bytes, str]]:
-    photo = Path(sample_photo_path("china")).read_bytes()
-    fashion = fashion_pngs(1)
-    assert fashion, "Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (scripts/setup.sh does)"
-    return {"photo": ("china.jpg", photo, "image/jpeg"), "fashion": ("fashion0.png", fashion[0].data, "image/png")}
-
-
-def healthcheck(engine, image: str) -> list[str]:
-    """The image's HEALTHCHECK command (docker keeps it in Config, podman next to it)."""
-    meta = json.loads(engine.run("image", "inspect", image).stdout)[0]
-    hc = (meta.get("Config") or {}).get("Healthcheck") or meta.get("Healthcheck") or {}
-    return hc.get("Test") or []
-
-
-def classify(url: str, upload: tuple[str, bytes, str], headers: dict | None = None, **form) -> httpx.Response:
-    return httpx.post(url + "/classify", files={"image": upload}, data=form, headers=headers, timeout=30)
-
-
-@pytest.fixture(scope="module")
-def process(default_bundle, digits_bundle, tmp_path_factory):
-    """The same bundles served as a process (`bentoml serve`): `default` and `digits`."""
-    tmp = tmp_path_factory.mktemp("ctr-process")
-    srv = start_service({"IMGSERVE_MODELS": f"{default_bundle},digits={digits_bundle}", **LIMITS},
-                        tmp / "serve.log", tmp / "bentoml_home")
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +47,7 @@ def test_image_is_lean_and_keeps_no_secrets(engine, cpu_image) -> None:
 
 
 def test_answers_match_the_process_read_only_and_unprivileged(baked: Container, process) -> None:
-    for name, upload in _inputs().items():
+    for name, upload in inputs().items():
         want, got = classify(process.url, upload), classify(baked.url, upload)
         assert want.status_code == got.status_code == 200, (name, want.text, got.text)
         assert got.json() == want.json(), f"{name}: container {got.json()} != process {want.json()}"
@@ -95,7 +63,7 @@ def test_healthcheck_and_settings_from_the_environment(engine, cpu_image, baked:
     assert test[0] in ("CMD", "CMD-SHELL"), test
     hc = baked.exec(*test[1:]) if test[0] == "CMD" else baked.exec("/bin/sh", "-c", test[1])
     assert hc.returncode == 0, hc.stderr[-1000:]
-    five = [("images", (f"{i}.jpg", _inputs()["photo"][1], "image/jpeg")) for i in range(5)]
+    five = [("images", (f"{i}.jpg", inputs()["photo"][1], "image/jpeg")) for i in range(5)]
     r = httpx.post(baked.url + "/classify_batch", files=five, timeout=30)
     assert r.status_code == 413 and " 4 files" in r.text, r.text  # IMGSERVE_MAX_IMAGES=4 reached the service
 
@@ -110,7 +78,7 @@ def test_bad_inputs_get_their_4xx(baked: Container) -> None:
     big = httpx.post(baked.url + "/classify", files={"image": ("big.jpg", b"\xff" * 3_500_000, "image/jpeg")},
                      timeout=30)
     assert big.status_code == 413, big.text[:300]
-    assert classify(baked.url, _inputs()["fashion"]).status_code == 200, "a good request after the bad ones"
+    assert classify(baked.url, inputs()["fashion"]).status_code == 200, "a good request after the bad ones"
     print(f"\nbad inputs -> {statuses}")
 
 
@@ -124,7 +92,7 @@ def test_mounted_bundle_and_api_key_file(engine, cpu_image, digits_bundle, proce
                                 "-v", f"{key}:/run/secrets/api-key:ro"])
     try:
         assert httpx.get(box.url + "/models", timeout=10).json()["default"] == "digits"
-        upload = _inputs()["fashion"]
+        upload = inputs()["fashion"]
         assert classify(box.url, upload).status_code == 401
         got = classify(box.url, upload, headers={"Authorization": "Bearer k3y-from-a-mounted-file"})
         want = classify(process.url, upload, model="digits")
