@@ -1,11 +1,16 @@
-# The two commands of the README. Both are idempotent and install what they need.
-.PHONY: serve test setup demo image
+# The two commands of the README (make serve, make test), and make bench. All are idempotent and
+# install what they need. `make serve DATA=path/to/folder MODEL=resnet18` trains on a folder of
+# labelled images (one subfolder per class); scripts/serve.sh lists every variable.
+.PHONY: serve test setup demo bench image
 
 setup:
 	./scripts/setup.sh
 
 serve: setup
-	./scripts/demo.sh
+	./scripts/serve.sh serve
+
+bench: setup
+	./scripts/serve.sh bench
 
 test: setup
 	.venv/bin/python -m pytest -q
@@ -17,5 +22,5 @@ demo: serve
 FLAVOUR ?= cpu
 BASE ?= auto
 image: setup
-	SERVE=0 ./scripts/demo.sh
+	./scripts/serve.sh build
 	.venv/bin/python -m container build --flavour $(FLAVOUR) --base $(BASE) --bundle bundles/default

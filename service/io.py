@@ -155,7 +155,8 @@ class ClassifyInput(bentoml.IODescriptor):
     image: ImageUpload = Field(description="The image file (JPEG, PNG, WebP, BMP, GIF, TIFF).")
     model: Optional[str] = Field(None, description="Model name (GET /models); the default model when absent.",
                                  examples=[None])
-    top_k: int = Field(5, ge=1, description="How many classes to return, 1..num_classes.", examples=[5])
+    top_k: Optional[int] = Field(None, ge=1, description="How many classes to return, 1..num_classes (default 5, "
+                                 "or every class of a model with fewer).", examples=[5])
 
     @classmethod
     async def from_http_request(cls, request: Request, serde: Any) -> "ClassifyInput":
@@ -168,7 +169,8 @@ class ClassifyBatchInput(bentoml.IODescriptor):
     images: list[ImageUpload] = Field(description="Several image files; results come back in the same order.")
     model: Optional[str] = Field(None, description="Model name (GET /models); the default model when absent.",
                                  examples=[None])
-    top_k: int = Field(5, ge=1, description="How many classes to return per image, 1..num_classes.", examples=[5])
+    top_k: Optional[int] = Field(None, ge=1, description="How many classes to return per image, 1..num_classes "
+                                 "(default 5, or every class of a model with fewer).", examples=[5])
 
     @classmethod
     async def from_http_request(cls, request: Request, serde: Any) -> "ClassifyBatchInput":

@@ -235,7 +235,7 @@ class ImgServe:
 
     # -- API -------------------------------------------------------------------------------------
     @bentoml.api(route="/classify", input_spec=ClassifyInput, output_spec=ClassifyOutput)
-    async def classify(self, image: Any = None, model: Optional[str] = None, top_k: int = 5) -> Response:
+    async def classify(self, image: Any = None, model: Optional[str] = None, top_k: Optional[int] = None) -> Response:
         """Classify one image. Multipart: `image` (file), optional `model` and `top_k`.
 
         `curl -F image=@photo.jpg -F top_k=3 http://127.0.0.1:3000/classify`
@@ -247,7 +247,7 @@ class ImgServe:
         return await self._answer(run())
 
     @bentoml.api(route="/classify_batch", input_spec=ClassifyBatchInput, output_spec=ClassifyBatchOutput)
-    async def classify_batch(self, images: Any = None, model: Optional[str] = None, top_k: int = 5) -> Response:
+    async def classify_batch(self, images: Any = None, model: Optional[str] = None, top_k: Optional[int] = None) -> Response:
         """Classify several images (`images` repeated); results in the same order.
 
         `curl -F images=@a.png -F images=@b.jpg http://127.0.0.1:3000/classify_batch`
