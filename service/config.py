@@ -6,6 +6,7 @@
 | IMGSERVE_BACKEND | onnx | onnx or torchscript (torchscript imports torch) |
 | IMGSERVE_PRECISION | fp32 | fp32 or int8 (the bundle's model.int8.onnx) |
 | IMGSERVE_DEVICE | auto | auto (GPU when present), cpu or cuda |
+| IMGSERVE_WORKERS | 1 | BentoML worker processes; each loads every model and admits up to 1/N of IMGSERVE_MAX_QUEUE |
 | IMGSERVE_THREADS | cores | intra-op threads of the inference pool |
 | IMGSERVE_BATCHER | eager | eager (no wait; batches form while the model is busy) or bentoml (BentoML's CorkDispatcher) |
 | IMGSERVE_SMALL_MODEL_MS | 5 | a model whose largest batch took at most this long at warm-up runs its batches on the event loop (no thread hand-off) with one intra-op thread (unless IMGSERVE_THREADS is set); 0: never |
@@ -49,6 +50,7 @@ class Settings:
     backend: str = "onnx"
     precision: str = "fp32"
     device: str = "auto"
+    workers: int = 1
     threads: int = field(default_factory=cpu_count)
     threads_explicit: bool = False  # IMGSERVE_THREADS was given: keep it for small models too
     batcher: str = "eager"
@@ -64,7 +66,8 @@ class Settings:
     model_control: str = "none"  # "explicit": the repository API may load and unload models
 
     def __repr__(self) -> str:  # never print the key
-        return f"Settings(models={self.models}, backend={self.backend}, precision={self.precision}, api_key={'set' if self.api_key else 'unset'})"
+        return (f"Settings(models={self.models}, backend={self.backend}, precision={self.precision}, "
+                f"workers={self.workers}, api_key={'set' if self.api_key else 'unset'})")
 
 
 def parse_models(spec: str) -> tuple[ModelSource, ...]:
@@ -112,6 +115,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         backend=_choice(env, "IMGSERVE_BACKEND", "onnx", tuple(list_backends())),
         precision=_choice(env, "IMGSERVE_PRECISION", "fp32", ("fp32", "int8", "fp16")),
         device=_choice(env, "IMGSERVE_DEVICE", "auto", ("auto", "cpu", "cuda")),
+        workers=_int(env, "IMGSERVE_WORKERS", 1),
         threads=_int(env, "IMGSERVE_THREADS", cpu_count()),
         threads_explicit=bool(env.get("IMGSERVE_THREADS")),
         batcher=_choice(env, "IMGSERVE_BATCHER", "eager", tuple(list_batchers())),

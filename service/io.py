@@ -75,12 +75,25 @@ async def parse_form(request: Request, cls: type[bentoml.IODescriptor], file_fie
     parser: 10 us for a small form against 52 us for Starlette's ``request.form()``, whose
     per-part SpooledTemporaryFile also rolls uploads over 1 MB to disk.
     """
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        if not request.scope.get(TOO_LARGE_KEY):
+            raise
+        body = None  # the guard ended a chunked body that grew too big
+    return cls.model_construct(**form_fields(request.headers.get("content-type", ""), body, request.scope, cls,
+                                             file_field, max_files))
+
+
+def form_fields(content_type: str, body: bytes | None, scope: dict, cls: type[bentoml.IODescriptor], file_field: str,
+                max_files: int) -> dict[str, Any]:
+    """The form's fields of ``cls`` by name (absent ones left out); ``body`` None: the guard cut it off."""
     data: dict[str, Any] = {file_field: None}
     try:
-        parts = await _read_parts(request, file_field, max_files)
+        parts = _split_parts(content_type, body, scope, file_field, max_files)
     except BadFieldError as e:
         data[file_field] = e.field
-        return cls.model_construct(**data)
+        return data
     for name, filename, ctype, payload in parts:
         if name == file_field:
             if filename is None:
@@ -93,7 +106,7 @@ async def parse_form(request: Request, cls: type[bentoml.IODescriptor], file_fie
                 data[name] = json.loads(v)
             except (json.JSONDecodeError, TypeError):
                 data[name] = v
-    return cls.model_construct(**data)
+    return data
 
 
 def _utf8(latin1: str | None) -> str | None:
@@ -106,19 +119,16 @@ class BadFieldError(Exception):
         self.field = field
 
 
-async def _read_parts(request: Request, file_field: str, max_files: int) -> list[tuple[str, str | None, str | None, bytes]]:
+def _split_parts(content_type: str, body: bytes | None, scope: dict, file_field: str,
+                 max_files: int) -> list[tuple[str, str | None, str | None, bytes]]:
     """(name, filename or None for text, content type, payload) of every part, in order."""
-    ctype, options = multipart.parse_options_header(request.headers.get("content-type", ""))
+    ctype, options = multipart.parse_options_header(content_type)
     if ctype != "multipart/form-data" or not options.get("boundary"):
         raise BadFieldError(BadField(f"send a multipart/form-data request with the image file in the '{file_field}' "
                                      f"field (curl -F {file_field}=@photo.jpg ...)", 400, "bad_content_type"))
-    try:
-        body = await request.body()
-    except ClientDisconnect:
-        if request.scope.get(TOO_LARGE_KEY):  # the guard ended a chunked body that grew too big
-            raise BadFieldError(BadField(f"request body is over the limit of {request.scope[TOO_LARGE_KEY]} bytes "
-                                         "(IMGSERVE_MAX_BODY_BYTES)", 413, "body_too_large")) from None
-        raise
+    if body is None:
+        raise BadFieldError(BadField(f"request body is over the limit of {scope[TOO_LARGE_KEY]} bytes "
+                                     "(IMGSERVE_MAX_BODY_BYTES)", 413, "body_too_large"))
     parts: list[tuple[str, str | None, str | None, bytes]] = []
     files = fields = 0
     try:

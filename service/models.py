@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ class ServedModel:
                 "num_classes": len(self.class_names), "class_names": self.class_names, "input": m["input"],
                 "preprocessing": m["preprocessing"], "backend": self.backend.name, "precision": precision,
                 "file": self.file.name, "device": self.backend.device, "providers": list(self.backend.providers),
-                "max_batch_size": self.batcher.max_batch_size}
+                "max_batch_size": self.batcher.max_batch_size,
+                "batches_on": "event_loop" if getattr(self.batcher, "inline", False) else "inference_thread"}
 
     def warm_up(self) -> float:
         """Run batch sizes 1 and 2 (dynamic batch axis, kernel choice), and the largest batch too when
@@ -59,7 +61,9 @@ class ServedModel:
         big = self.batcher.max_batch_size
         per_image = self._warm((1, 2, 2))
         if per_image * big <= CHEAP_BATCH_S:
-            per_image = self._warm((big, 1, big))
+            # The fastest of a few full batches: on a busy host one run can take several times
+            # longer, and this figure decides whether the model counts as small (load_models).
+            per_image = min(self._warm((big, 1, big)), *(self._warm((big,)) for _ in range(3)))
         # Seed admission control with the measured cost, so overload is recognised from the first burst.
         self.batcher.per_image_s = per_image
         return time.perf_counter() - t0
@@ -100,7 +104,7 @@ def load_model(src: ModelSource, settings: Settings, executor: Executor) -> Serv
     pre = Preprocessor.from_manifest(bundle.manifest["preprocessing"], max_pixels=settings.max_pixels)
     batcher = create_batcher(settings.batcher, model=name, run=backend.run, executor=executor,
                              max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms,
-                             max_queue=settings.max_queue)
+                             max_queue=math.ceil(settings.max_queue / settings.workers))  # the bound is service-wide
     return ServedModel(name, bundle, pre, backend, batcher, path, list(bundle.manifest["class_names"]), settings.threads)
 
 

@@ -32,10 +32,11 @@ from service import metrics, oip, onewrite, repository
 from service.batching import Overloaded
 from service.config import Settings, load_settings
 from service.errors import Refused as _Refused
-from service.io import (TOO_LARGE_KEY, BadField, ClassifyBatchInput, ClassifyBatchOutput, ClassifyInput, ClassifyOutput,
-                        error_response, json_response)
+from service.io import (MAX_IMAGES, TOO_LARGE_KEY, BadField, ClassifyBatchInput, ClassifyBatchOutput, ClassifyInput,
+                        ClassifyOutput, error_response, json_response)
 from service.models import ServedModel, load_models, top_k
 from service.pages import PagesMiddleware
+from service.route import ClassifyRoute, FormRoute
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ extra_routes = Starlette(routes=[Route("/models", _models_view, methods=["GET"])
 # The BentoML service options, shared with the benchmark's no-model floor service
 # (loadtests/floor_service.py) so that both measure the same HTTP stack.
 SERVICE_OPTIONS: dict[str, Any] = dict(
-    workers=1,  # one process: the model threads already use every core
+    workers=SETTINGS.workers,  # IMGSERVE_WORKERS; docs/performance.md says when more than one pays
     traffic={"timeout": SETTINGS.timeout_s},
     logging={"access": {"enabled": False}},  # ~1 ms of event-loop time per request
     tracing={"excluded_urls": ["/"]},  # OpenTelemetry middleware costs ~11 % of the loop
@@ -305,5 +306,11 @@ def _stop_supervisor(reason: str) -> None:
         os.kill(ppid, signal.SIGTERM)
 
 
+# The form APIs' lean path (service/route.py), inside the guard: the same functions, without
+# BentoML's per-request machinery around them.
+FORM_ROUTES = {"/classify": FormRoute("classify", ClassifyInput, "image", MAX_IMAGES),
+               "/classify_batch": FormRoute("classify_batch", ClassifyBatchInput, "images", MAX_IMAGES)}
+
 ImgServe.add_asgi_middleware(GuardMiddleware, max_body_bytes=SETTINGS.max_body_bytes, api_key=SETTINGS.api_key)
+ImgServe.add_asgi_middleware(ClassifyRoute, routes=FORM_ROUTES, server_header="BentoML Service/imgserve")
 ImgServe.add_asgi_middleware(PagesMiddleware)  # / and /demo (BentoML's / loads a tracker from the internet)
