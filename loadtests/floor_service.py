@@ -2,8 +2,9 @@
 
     bentoml serve loadtests.floor_service:Floor --host 127.0.0.1 --port 3001
 
-Same BentoML options (``SERVICE_OPTIONS``), the same guard middleware, the same garbage-collector
-tuning and the same multipart input (``ClassifyInput``, parsed by ``service.io``) as
+Same BentoML options (``SERVICE_OPTIONS``, IMGSERVE_WORKERS included), the same guard middleware,
+the same lean route (``service.route``), the same garbage-collector tuning and the same multipart
+input (``ClassifyInput``, parsed by ``service.io``) as
 ``service.service:ImgServe``; ``POST /classify`` then answers a fixed JSON body of the usual
 size without decoding the image or running a model. What it serves per second is the most any
 model could be served at through this stack on this machine: the "trivial endpoint" the
@@ -17,6 +18,8 @@ from starlette.responses import Response
 
 import bentoml
 from service.io import ClassifyInput, ClassifyOutput, json_response
+from service.io import MAX_IMAGES
+from service.route import ClassifyRoute, FormRoute
 from service.service import SERVICE_OPTIONS, SETTINGS, GuardMiddleware, tune_gc
 
 # The length of a real answer with five predictions, so both write the same bytes.
@@ -35,3 +38,5 @@ class Floor:
 
 
 Floor.add_asgi_middleware(GuardMiddleware, max_body_bytes=SETTINGS.max_body_bytes, api_key=SETTINGS.api_key)
+Floor.add_asgi_middleware(ClassifyRoute, routes={"/classify": FormRoute("classify", ClassifyInput, "image", MAX_IMAGES)},
+                          server_header="BentoML Service/imgserve-floor")

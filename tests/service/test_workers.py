@@ -1,0 +1,128 @@
+"""Several worker processes (IMGSERVE_WORKERS=2) against a real ``bentoml serve``: every request gets
+its own right answer whichever process takes it, /metrics adds up the processes exactly (BentoML's
+Prometheus multiprocess mode), the service-wide IMGSERVE_MAX_QUEUE is split between the workers,
+and a killed worker is replaced while the other keeps answering."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from loadtests.servectl import start_service, tree_pids
+from svc_factory import digit_uploads, png_bytes
+
+N_IMAGES, REPEATS = 8, 6
+MAX_QUEUE = 64  # 32 images in flight per worker
+
+
+@pytest.fixture(scope="module")
+def two_workers(bundle, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("svc-workers")
+    env = {"IMGSERVE_MODELS": str(bundle), "IMGSERVE_WORKERS": "2", "IMGSERVE_MAX_QUEUE": str(MAX_QUEUE)}
+    srv = start_service(env, tmp / "serve.log", tmp / "bentoml_home")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def images(bundle) -> tuple[list[bytes], list[int]]:
+    """PNG uploads and the top-1 class of each, from the bundle's model run in-process on the
+    service's own preprocessing."""
+    import json
+
+    import onnxruntime as ort
+
+    from service.preprocess import Preprocessor
+
+    imgs, _ = digit_uploads(N_IMAGES)
+    data = [png_bytes(im) for im in imgs]
+    pre = Preprocessor.from_manifest(json.loads((bundle / "manifest.json").read_text())["preprocessing"],
+                                     max_pixels=10**7)
+    sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {sess.get_inputs()[0].name: np.stack([pre(d) for d in data])})[0]
+    return data, [int(i) for i in logits.argmax(1)]
+
+
+def worker_pids(srv) -> list[int]:
+    return [p for p in tree_pids(srv.pid) if p != srv.pid and _cmdline(p).find(b"_bentoml_impl.worker") >= 0]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def classify(url: str, data: bytes) -> httpx.Response:
+    # A new connection per request: the kernel hands each to whichever worker accepts it.
+    return httpx.post(url + "/classify", files={"image": ("x.png", data, "image/png")}, data={"top_k": "1"},
+                      timeout=30, headers={"Connection": "close"})
+
+
+def counts(url: str) -> tuple[float, float]:
+    """(images preprocessed, 200 answers of /classify) as /metrics reports them for the whole service."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    pre = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("imgserve_preprocess_seconds_count"))
+    ok = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line.startswith("bentoml_service_request_total{") and 'endpoint="/classify"' in line
+             and 'http_response_code="200"' in line)
+    return pre, ok
+
+
+def send_all(url: str, images) -> None:
+    data, top1 = images
+    jobs = [i % N_IMAGES for i in range(N_IMAGES * REPEATS)]
+    with ThreadPoolExecutor(8) as ex:
+        answers = list(ex.map(lambda i: (i, classify(url, data[i])), jobs))
+    for i, r in answers:
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"][0]["index"] == top1[i], f"image {i} got another image's answer: {r.text}"
+
+
+def test_two_workers_answer_and_metrics_add_up(two_workers, images) -> None:
+    assert len(worker_pids(two_workers)) == 2
+    send_all(two_workers.url, images)
+    n = N_IMAGES * REPEATS
+    for _ in range(4):  # each scrape may be answered by either worker: all must see the sum
+        assert counts(two_workers.url) == (n, n)
+
+
+def test_max_queue_is_split_between_workers(two_workers, images) -> None:
+    """A batch over a worker's share is refused at once; a batch of exactly its share is served."""
+    data, _ = images
+
+    def batch(n: int) -> httpx.Response:
+        files = [("images", (f"{i}.png", data[i % N_IMAGES], "image/png")) for i in range(n)]
+        return httpx.post(two_workers.url + "/classify_batch", files=files, timeout=30)
+
+    share = MAX_QUEUE // 2
+    r = batch(share + 1)
+    assert r.status_code == 503 and "Retry-After" in r.headers, r.text
+    assert batch(share).status_code == 200
+
+
+def test_killed_worker_is_replaced_while_the_other_answers(two_workers, images) -> None:
+    before = counts(two_workers.url)
+    victim = worker_pids(two_workers)[0]
+    os.kill(victim, signal.SIGKILL)
+    send_all(two_workers.url, images)  # the survivor takes every new connection meanwhile
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        pids = worker_pids(two_workers)
+        if len(pids) == 2 and victim not in pids and httpx.get(two_workers.url + "/readyz", timeout=5).status_code == 200:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"no replacement worker 120 s after kill -9 of {victim}: workers {worker_pids(two_workers)}")
+    send_all(two_workers.url, images)
+    n = N_IMAGES * REPEATS
+    # The dead worker's counts stay in the sum (its metric files outlive it).
+    assert counts(two_workers.url) == (before[0] + 2 * n, before[1] + 2 * n)
