@@ -6,8 +6,8 @@
 | IMGSERVE_BACKEND | onnx | onnx or torchscript (torchscript imports torch) |
 | IMGSERVE_PRECISION | fp32 | fp32 or int8 (the bundle's model.int8.onnx) |
 | IMGSERVE_DEVICE | auto | auto (GPU when present), cpu or cuda |
-| IMGSERVE_WORKERS | 1 | BentoML worker processes; each loads every model and admits up to 1/N of IMGSERVE_MAX_QUEUE |
-| IMGSERVE_THREADS | cores | intra-op threads of the inference pool |
+| IMGSERVE_WORKERS | 1 | BentoML worker processes (a number, or `cores`); each loads every model and admits up to 1/N of IMGSERVE_MAX_QUEUE |
+| IMGSERVE_THREADS | cores / workers | intra-op threads of the inference pool (per worker) |
 | IMGSERVE_BATCHER | eager | eager (no wait; batches form while the model is busy) or bentoml (BentoML's CorkDispatcher) |
 | IMGSERVE_SMALL_MODEL_MS | 5 | a model whose largest batch took at most this long at warm-up runs its batches on the event loop (no thread hand-off) with one intra-op thread (unless IMGSERVE_THREADS is set); 0: never |
 | IMGSERVE_MAX_BATCH_SIZE | 32 | images per inference call |
@@ -110,13 +110,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     from service.batching import list_batchers
 
     env = os.environ if env is None else env
+    workers = cpu_count() if env.get("IMGSERVE_WORKERS") == "cores" else _int(env, "IMGSERVE_WORKERS", 1)
     return Settings(
         models=parse_models(env.get("IMGSERVE_MODELS") or DEFAULT_MODELS),
         backend=_choice(env, "IMGSERVE_BACKEND", "onnx", tuple(list_backends())),
         precision=_choice(env, "IMGSERVE_PRECISION", "fp32", ("fp32", "int8", "fp16")),
         device=_choice(env, "IMGSERVE_DEVICE", "auto", ("auto", "cpu", "cuda")),
-        workers=_int(env, "IMGSERVE_WORKERS", 1),
-        threads=_int(env, "IMGSERVE_THREADS", cpu_count()),
+        workers=workers,
+        threads=_int(env, "IMGSERVE_THREADS", max(1, cpu_count() // workers)),
         threads_explicit=bool(env.get("IMGSERVE_THREADS")),
         batcher=_choice(env, "IMGSERVE_BATCHER", "eager", tuple(list_batchers())),
         small_model_ms=_int(env, "IMGSERVE_SMALL_MODEL_MS", 5, lo=0),
@@ -128,7 +129,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_images=_int(env, "IMGSERVE_MAX_IMAGES", 64),
         timeout_s=_int(env, "IMGSERVE_TIMEOUT_S", 60),
         api_key=_api_key(env),
-        model_control=_choice(env, "IMGSERVE_MODEL_CONTROL", "none", ("none", "explicit")),
+        model_control=_model_control(env, workers),
     )
 
 
@@ -146,3 +147,11 @@ def _api_key(env: Mapping[str, str]) -> str | None:
     if not key:
         raise ConfigError(f"IMGSERVE_API_KEY_FILE={path!r} is empty")
     return key
+
+
+def _model_control(env: Mapping[str, str], workers: int) -> str:
+    v = _choice(env, "IMGSERVE_MODEL_CONTROL", "none", ("none", "explicit"))
+    if v == "explicit" and workers > 1:  # a load or unload request reaches one worker only
+        raise ConfigError(f"IMGSERVE_MODEL_CONTROL=explicit needs IMGSERVE_WORKERS=1 (got {workers}): each worker "
+                          "holds its own models, and a repository request would change only the one that takes it")
+    return v

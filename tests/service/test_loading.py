@@ -22,10 +22,22 @@ def test_parse_models() -> None:
 @pytest.mark.parametrize("env,msg", [({"IMGSERVE_BACKEND": "tensorflow"}, "onnx, torchscript"),
                                      ({"IMGSERVE_MAX_BATCH_SIZE": "lots"}, "not an integer"),
                                      ({"IMGSERVE_BATCHER": "x"}, "bentoml, eager"),
-                                     ({"IMGSERVE_MODELS": ","}, "IMGSERVE_MODELS is empty")])
+                                     ({"IMGSERVE_MODELS": ","}, "IMGSERVE_MODELS is empty"),
+                                     ({"IMGSERVE_WORKERS": "many"}, "not an integer"),
+                                     ({"IMGSERVE_WORKERS": "2", "IMGSERVE_MODEL_CONTROL": "explicit"},
+                                      "needs IMGSERVE_WORKERS=1")])
 def test_bad_settings_name_the_fix(env: dict, msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):
         load_settings(env)
+
+
+def test_workers_share_the_cores() -> None:
+    from service.backends import cpu_count
+
+    assert load_settings({}).workers == 1 and load_settings({}).threads == cpu_count()
+    s = load_settings({"IMGSERVE_WORKERS": "cores"})
+    assert s.workers == cpu_count() and s.threads == 1
+    assert load_settings({"IMGSERVE_WORKERS": "2", "IMGSERVE_THREADS": "3"}).threads == 3
 
 
 def test_settings_never_show_the_key() -> None:
