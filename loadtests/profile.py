@@ -46,6 +46,32 @@ def find_py_spy(given: str | None) -> str:
     raise SystemExit("py-spy not found: pip install py-spy (anywhere) and pass --py-spy PATH")
 
 
+# Layer of a sampled stack: the innermost frame that matches one of these (checked leaf first), so a
+# sample counts where its time is spent, not under every middleware around it.
+LAYERS = [
+    ("onnxruntime", re.compile(r"onnxruntime|backends\.py")),
+    ("decode + preprocess (PIL)", re.compile(r"PIL/|preprocess\.py|imgformat/")),
+    ("metrics (prometheus_client)", re.compile(r"prometheus_client")),
+    ("multipart parsing", re.compile(r"multipart/|service/io\.py")),
+    ("json", re.compile(r"json/")),
+    ("batcher", re.compile(r"service/batching\.py")),
+    ("handler, validation, top-k", re.compile(r"service/(service|models|errors)\.py")),
+    ("lean route", re.compile(r"service/route\.py")),
+    ("BentoML api_endpoint, context, router", re.compile(r"_bentoml_impl/server/app\.py|_bentoml_sdk|starlette/|pydantic")),
+    ("BentoML timeout/metrics/tracing middleware", re.compile(r"bentoml/_internal/server|opentelemetry")),
+    ("uvicorn HTTP (parse, socket writes)", re.compile(r"uvicorn/|httptools")),
+    ("event loop, threads", re.compile(r"asyncio/|uvloop|threading\.py|concurrent/")),
+]
+
+
+def layer(stack: str) -> str:
+    for frame in reversed(stack.split(";")):
+        for name, rx in LAYERS:
+            if rx.search(frame):
+                return name
+    return "other"
+
+
 def classify(stack: str) -> str:
     for name, rx in STAGES:
         if rx.search(stack):
@@ -53,9 +79,10 @@ def classify(stack: str) -> str:
     return "other"
 
 
-def aggregate(raw_files: list[Path]) -> tuple[collections.Counter, collections.Counter, int]:
-    """py-spy raw (folded) output -> (samples per stage, samples per leaf function, total)."""
+def aggregate(raw_files: list[Path]) -> tuple[collections.Counter, collections.Counter, int, collections.Counter]:
+    """py-spy raw (folded) output -> (samples per stage, samples per leaf function, total, samples per layer)."""
     stages: collections.Counter[str] = collections.Counter()
+    layers: collections.Counter[str] = collections.Counter()
     leaves: collections.Counter[str] = collections.Counter()
     total = 0
     for f in raw_files:
@@ -66,8 +93,9 @@ def aggregate(raw_files: list[Path]) -> tuple[collections.Counter, collections.C
             k = int(n)
             total += k
             stages[classify(stack)] += k
+            layers[layer(stack)] += k
             leaves[stack.split(";")[-1].strip()] += k
-    return stages, leaves, total
+    return stages, leaves, total, layers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
     r = bench.parse_wrk(wrk_out, a.concurrency)
-    stages, leaves, total = aggregate([f for _, f in spies if f.exists()])
+    stages, leaves, total, layers = aggregate([f for _, f in spies if f.exists()])
     lines = [f"{a.bundle.name} {a.precision}, {fname}, c={a.concurrency}: {r.ok_rps:.1f} ok req/s, p50 {r.p50_ms} ms",
              f"py-spy: {total} samples of non-idle Python threads ({a.rate}/s, {a.seconds} s, all service processes)", ""]
     lines += [f"  {name:<22} {n / max(total, 1):6.1%}" for name, n in stages.most_common()]
+    lines += ["", "by layer (innermost matching frame):"]
+    lines += [f"  {name:<44} {n / max(total, 1):6.1%}" for name, n in layers.most_common()]
     lines += ["", "top functions by own samples:"]
     lines += [f"  {n / max(total, 1):6.1%}  {fn[:110]}" for fn, n in leaves.most_common(15)]
     text = "\n".join(lines)
