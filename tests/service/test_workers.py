@@ -38,7 +38,7 @@ def images(bundle) -> tuple[list[bytes], list[int]]:
 
     import onnxruntime as ort
 
-    from service.preprocess import Preprocessor
+    from imgformat.preprocess import Preprocessor
 
     imgs, _ = digit_uploads(N_IMAGES)
     data = [png_bytes(im) for im in imgs]
