@@ -148,10 +148,15 @@ def test_profile_aggregates_folded_stacks(tmp_path):
     f = tmp_path / "raw.txt"
     f.write_text("run (asyncio/base_events.py:1);Session.run (onnxruntime/capi/x.py:3) 6\n"
                  "run (asyncio/base_events.py:1);ImageFile.load (PIL/ImageFile.py:425) 3\n"
-                 "run (asyncio/base_events.py:1);send (h11/_connection.py:9) 1\n")
-    stages, leaves, total = aggregate([f])
-    assert total == 10 and stages["onnxruntime run"] == 6 and stages["decode (PIL load)"] == 3, stages
+                 "run (asyncio/base_events.py:1);send (h11/_connection.py:9) 1\n"
+                 "run (uvicorn/protocols/http/httptools_impl.py:9);__call__ (service/route.py:60);"
+                 "observe (prometheus_client/metrics.py:1) 2\n")
+    stages, leaves, total, layers = aggregate([f])
+    assert total == 12 and stages["onnxruntime run"] == 6 and stages["decode (PIL load)"] == 3, stages
     assert stages["bentoml / http"] == 1 and leaves["Session.run (onnxruntime/capi/x.py:3)"] == 6
+    # by layer, the innermost matching frame wins: the metrics call counts as metrics, not as the route
+    assert layers["onnxruntime"] == 6 and layers["decode + preprocess (PIL)"] == 3, layers
+    assert layers["metrics (prometheus_client)"] == 2 and layers["event loop, threads"] == 1, layers
 
 
 def test_stage_means_from_prometheus_text():
