@@ -1,7 +1,8 @@
 """Real samples for the parity gate and INT8 calibration, as the service will feed them.
 
-Each image goes through the checkpoint's own colour conversion and resize
-(``training.transforms.to_color_mode`` + ``resize_transform``) and stays uint8, (N, H, W, C).
+Each image goes through the one decode/preprocess pipeline (``imgformat.preprocess``, the code the
+service runs) with the checkpoint's ``preprocess`` and stays uint8, (N, H, W, C): files are decoded
+from their bytes exactly as an upload is, so the parity gate sees the served pixels.
 Sources, first that applies: an explicit ``--samples DIR``; the checkpoint's dataset
 (``training.datasets``); random pixels, with a warning (the gate then proves the maths, not the data).
 """
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from training.transforms import resize_transform, to_color_mode
+from imgformat.preprocess import ImageError, Preprocessor
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +37,9 @@ class Samples:
         return len(self.images)
 
 
-def to_model_input(img: Image.Image, pre: dict[str, Any]) -> np.ndarray:
-    """PIL image (any mode) -> (H, W, C) uint8, exactly the service's decode-side preprocessing."""
-    img = to_color_mode(img, pre["color_mode"], tuple(pre.get("alpha_background", (0, 0, 0))))
-    arr = np.asarray(resize_transform(pre)(img), dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
-
-
 def _stack(images: list[Image.Image], pre: dict[str, Any]) -> np.ndarray:
-    return np.stack([to_model_input(im, pre) for im in images]).astype(np.uint8)
+    pipeline = Preprocessor.from_manifest(pre)
+    return np.stack([pipeline.finish(im) for im in images]).astype(np.uint8)
 
 
 def _take(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -67,7 +62,7 @@ def from_dataset(ckpt: dict[str, Any], split: str, n: int, *, data_dir: str | No
     if data_dir is not None:
         info["data_dir"] = str(data_dir)
     try:
-        from training.datasets import DatasetError, get_dataset_from_info
+        from training.datasets import DatasetError, get_dataset_from_info, use_pipeline
     except ImportError as e:  # the training stage is part of this repo; only a broken install lands here
         log.warning("training.datasets is not importable (%s); no dataset samples", e)
         return None
@@ -76,6 +71,7 @@ def from_dataset(ckpt: dict[str, Any], split: str, n: int, *, data_dir: str | No
     except DatasetError as e:
         log.warning("dataset %r unreachable (%s)", info["name"], e)
         return None
+    use_pipeline(splits, Preprocessor.from_manifest(ckpt["preprocess"]).decode_bytes)  # as training loaded them
     ds = getattr(splits, split)
     idx = _take(np.asarray(ds.labels), n, seed)
     pairs = [ds[int(i)] for i in idx]
@@ -107,22 +103,21 @@ def from_dir(root: str | Path, pre: dict[str, Any], class_names: list[str], n: i
         half = len(paths) // 2
         paths = paths[:half] if part == "calib" else paths[half:]
     index = {c: i for i, c in enumerate(class_names)}
-    images, labels = [], []
+    pipeline = Preprocessor.from_manifest(pre)
+    arrays, labels = [], []
     for p in paths:
-        if len(images) >= n:
+        if len(arrays) >= n:
             break
         try:
-            with Image.open(p) as im:
-                im.load()
-                images.append(im.copy())
-        except Exception as e:  # PIL raises many types for broken files: skip them, say which
+            arrays.append(pipeline(p.read_bytes()))  # the upload path: bytes -> uint8 (H, W, C)
+        except (ImageError, OSError) as e:
             log.warning("skipping unreadable sample %s (%s)", p, e)
             continue
         labels.append(index.get(p.parent.name, -1))
-    if not images:
+    if not arrays:
         raise SamplesError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     lab = np.array(labels, dtype=np.int64)
-    return Samples(_stack(images, pre), lab if (lab >= 0).all() else None, f"directory {root}")
+    return Samples(np.stack(arrays), lab if (lab >= 0).all() else None, f"directory {root}")
 
 
 def random_samples(pre: dict[str, Any], n: int, seed: int = 0) -> Samples:

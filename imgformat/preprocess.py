@@ -4,14 +4,22 @@ The bundle's model files take raw uint8 NHWC pixels and normalise inside the gra
 decodes, converts the colour mode and resizes/crops, all in uint8 with PIL and NumPy (no torch).
 Everything comes from the checkpoint's ``preprocess`` / the manifest's ``preprocessing``.
 
-Reproducing torchvision exactly:
+The policies, each decided here once and applied identically to training (eval transform and
+train-time loading), export's parity/calibration samples, the service and the load tests
+(docs/FORMATS.md, "Decode policies"): EXIF orientation applied; only the first frame of an animated
+image; 16-bit grey keeps its high byte (as Pillow does for 16-bit colour PNGs); transparency
+composited on the preprocess dict's ``alpha_background``; big JPEGs decoded at reduced DCT scale
+(``draft``); ICC profiles ignored.
+
+Reproducing torchvision's Resize/CenterCrop:
 - ``Resize(n)`` keeps the aspect ratio with ``long = int(n * long / short)``; ``CenterCrop`` starts at
   ``int(round((side - crop) / 2))``. Resizing the whole image and then cropping equals resizing
   only the crop box with ``Image.resize(box=...)`` (same filter centres and scale), which skips the
   pixels the crop throws away.
 - JPEGs are decoded at a reduced DCT scale (``Image.draft``) only down to at least twice the size
   the resize needs, so the bilinear/bicubic filter still averages many source pixels and the
-  result differs from a full decode by about one grey level at most.
+  result differs from a full decode by about one grey level at most. Training decodes the same
+  way, so a model learns the pixels it is served.
 """
 from __future__ import annotations
 
@@ -31,8 +39,10 @@ _FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.B
             "nearest": Image.Resampling.NEAREST}
 # Formats a real upload may be in; anything else PIL can open (EPS, ICNS, ...) is refused.
 Image.init()
-ALLOWED_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF") if f in Image.OPEN)
+ALLOWED_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM") if f in Image.OPEN)
 _TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+DEFAULT_MAX_PIXELS = 40_000_000  # the service's IMGSERVE_MAX_PIXELS default; training uses it too
 
 # A truncated image must be an error, never silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -61,7 +71,9 @@ class Preprocessor:
     draft: bool = True
 
     @classmethod
-    def from_manifest(cls, pre: dict[str, Any], *, max_pixels: int, draft: bool = True) -> "Preprocessor":
+    def from_manifest(cls, pre: dict[str, Any], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      draft: bool = True) -> "Preprocessor":
+        """From a manifest's ``preprocessing`` or a checkpoint's ``preprocess`` (same keys)."""
         if pre["interpolation"] not in _FILTERS:
             raise ValueError(f"unsupported interpolation {pre['interpolation']!r}; valid: {', '.join(_FILTERS)}")
         if pre["resize_policy"] not in ("stretch", "shorter_side_center_crop"):
@@ -91,7 +103,7 @@ class Preprocessor:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(f"image has more than {self.max_pixels} pixels", 413, "too_many_pixels") from None
         except UnidentifiedImageError:
-            raise ImageError("not an image in a supported format (JPEG, PNG, WebP, BMP, GIF, TIFF)",
+            raise ImageError("not an image in a supported format (JPEG, PNG, WebP, BMP, GIF, TIFF, PPM)",
                              400, "not_an_image") from None
         except Exception as e:  # PIL raises many kinds on a broken header
             raise ImageError(f"unreadable image header: {e}", 400, "corrupt_image") from None
@@ -115,7 +127,10 @@ class Preprocessor:
             img.draft(img.mode, (need, need))
 
     def decode(self, img: Image.Image) -> Image.Image:
-        """Load pixels (first frame), apply EXIF orientation, convert to the model's colour mode."""
+        """Load pixels (first frame), apply EXIF orientation, convert to the model's colour mode.
+
+        Idempotent: an image it returned comes back unchanged, so training can decode in its
+        dataset (where a bad file is skipped) and again in its transforms."""
         self._draft(img)
         try:
             img.load()
@@ -127,17 +142,11 @@ class Preprocessor:
         return self.to_color_mode(img)
 
     def to_color_mode(self, img: Image.Image) -> Image.Image:
-        """Same as training.transforms.to_color_mode, plus 16-bit and float modes scaled to 8 bits."""
-        if img.mode == self.color_mode:
-            return img
-        if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-            img = _high_depth_to_l(img)
-            return img if self.color_mode == "L" else img.convert(self.color_mode)
-        if img.mode in _TRANSPARENT_MODES or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            base = Image.new("RGBA", rgba.size, self.alpha_background + (255,))
-            img = Image.alpha_composite(base, rgba)
-        return img.convert(self.color_mode)
+        return to_color_mode(img, self.color_mode, self.alpha_background)
+
+    def decode_bytes(self, data: bytes) -> Image.Image:
+        """File bytes -> decoded image in the model's colour mode, not resized (training's loading)."""
+        return self.decode(self.open(data))
 
     def resize(self, img: Image.Image) -> Image.Image:
         """Resize (and centre-crop) as torchvision's Resize/CenterCrop on PIL images do."""
@@ -179,8 +188,27 @@ class Preprocessor:
         return self.to_array(img)
 
 
+def to_color_mode(img: Image.Image, color_mode: str, background: Sequence[int] = (0, 0, 0)) -> Image.Image:
+    """Any PIL mode -> ``color_mode`` ("L"/"RGB"): high-depth grey by range, transparency
+    composited on ``background``, everything else by PIL's conversion (CMYK, YCbCr, P, 1, ...)."""
+    if img.mode == color_mode:
+        return img
+    if img.mode in _HIGH_DEPTH_MODES:
+        img = _high_depth_to_l(img)
+        return img if color_mode == "L" else img.convert(color_mode)
+    if img.mode in _TRANSPARENT_MODES or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+        img = Image.alpha_composite(base, rgba)
+    return img.convert(color_mode)
+
+
 def _high_depth_to_l(img: Image.Image) -> Image.Image:
-    """16-bit and 32-bit grey -> 8-bit grey by range, not by clipping (PIL's convert clips at 255)."""
+    """16/32-bit grey -> 8-bit by its high byte, not by clipping (PIL's convert clips at 255).
+
+    The high byte (v >> 8) is what Pillow itself keeps of 16-bit colour PNGs, so a 16-bit grey and a
+    16-bit RGB scan of the same page get the same 8-bit pixels. 32-bit integers are read as 16-bit
+    values (clipped to 0..65535); float images as 0..255."""
     a = np.asarray(img)
     if img.mode == "F":
         a8 = np.clip(a, 0, 255).astype(np.uint8)

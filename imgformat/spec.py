@@ -11,6 +11,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def imagenet_stats(channels: int) -> tuple[list[float], list[float]]:
+    """ImageNet mean/std for 3 channels, or their average for 1 (grey input to summed RGB filters)."""
+    if channels == 3:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return [sum(IMAGENET_MEAN) / 3], [sum(IMAGENET_STD) / 3]
+
+
 def make_preprocess(*, channels: int, input_size: int, mean: Sequence[float], std: Sequence[float],
                     resize_policy: str = "stretch", resize_size: int | None = None,
                     interpolation: str = "bilinear", alpha_background: Sequence[int] = (0, 0, 0)) -> dict[str, Any]:

@@ -115,6 +115,67 @@ def photo_jpegs(sides: tuple[int, ...] = PHOTO_SIDES) -> list[Payload]:
     return out
 
 
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _exif_jpeg(img: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # displayed rotated/flipped: the pixels must be turned before resizing
+    return _encode(img, "JPEG", quality=90, exif=exif)
+
+
+def _rgba(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, img.width, dtype=np.uint8), (img.height, 1))))
+    return rgba
+
+
+def _png16(img: Image.Image) -> Image.Image:
+    grey = np.asarray(img.convert("L"), dtype=np.uint16)
+    return Image.fromarray(grey * 257 + np.arange(grey.shape[1], dtype=np.uint16) % 200)  # low byte busy too
+
+
+def _animated_gif(img: Image.Image) -> bytes:
+    frames = [img.convert("P", palette=Image.Palette.ADAPTIVE), img.rotate(180).convert("P", palette=Image.Palette.ADAPTIVE)]
+    return _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+# name -> (how the decode path's file is made from china.jpg (640x427 RGB), content type)
+DECODE_PATHS = {
+    "rgb_jpeg": (lambda im: _encode(im, "JPEG", quality=90), "image/jpeg"),
+    "progressive_jpeg": (lambda im: _encode(im, "JPEG", quality=90, progressive=True), "image/jpeg"),
+    "exif3_jpeg": (lambda im: _exif_jpeg(im, 3), "image/jpeg"),
+    "exif6_jpeg": (lambda im: _exif_jpeg(im, 6), "image/jpeg"),
+    "exif8_jpeg": (lambda im: _exif_jpeg(im, 8), "image/jpeg"),
+    "cmyk_jpeg": (lambda im: _encode(im.convert("CMYK"), "JPEG", quality=90), "image/jpeg"),
+    "large_jpeg": (lambda im: _encode(im.resize((4000, 3000), Image.BILINEAR), "JPEG", quality=85), "image/jpeg"),
+    "grey_png": (lambda im: _encode(im.convert("L"), "PNG"), "image/png"),
+    "palette_png": (lambda im: _encode(im.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "image/png"),
+    "rgba_png": (lambda im: _encode(_rgba(im), "PNG"), "image/png"),
+    "png16": (lambda im: _encode(_png16(im), "PNG"), "image/png"),
+    "webp": (lambda im: _encode(im, "WEBP", quality=90), "image/webp"),
+    "animated_gif": (_animated_gif, "image/gif"),
+}
+
+
+def decode_paths(names: tuple[str, ...] | None = None) -> list[Payload]:
+    """One file per decode path of the pipeline (docs/FORMATS.md), all made from china.jpg: EXIF
+    orientations 3/6/8, CMYK, a 4000x3000 JPEG (the reduced-scale draft decode), grey, palette and
+    RGBA PNG, 16-bit grey PNG, WebP, animated GIF (first frame). For parity tests and load tests."""
+    from sklearn.datasets import load_sample_image
+
+    base = Image.fromarray(load_sample_image("china.jpg"))
+    out = []
+    for name in names or tuple(DECODE_PATHS):
+        make, ctype = DECODE_PATHS[name]
+        ext = ctype.split("/")[1]
+        out.append(Payload(name, "decode_path", f"{name}.{ext}", ctype, make(base)))
+    return out
+
+
 def sample_photo_path(stem: str = "china") -> str:
     """Path of scikit-learn's bundled photo (the benchmark's default image)."""
     import sklearn

@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from imgformat.preprocess import to_color_mode
+
 log = logging.getLogger(__name__)
 
 VAL_FRACTION = 0.1                      # val slice of an official train split
@@ -66,11 +68,17 @@ class ArrayImageDataset(Dataset):
 
 class FileImageDataset(Dataset):
     """Image files on disk. A file that fails to decode is logged by path and replaced by the next
-    readable one, so a bad file found mid-run never stops training (most are caught at scan time)."""
+    readable one, so a bad file found mid-run never stops training (most are caught at scan time).
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int]):
+    ``decode`` (file bytes -> PIL image) is the serving pipeline's once training knows its
+    preprocessing (``use_pipeline``): EXIF orientation, 16-bit, alpha and the reduced-scale JPEG
+    decode then happen here exactly as in the service. Until then files are opened and loaded as is."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int],
+                 decode: Callable[[bytes], Image.Image] | None = None):
         self.paths = [str(p) for p in paths]
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.decode = decode
         self.bad: set[str] = set()
 
     def __len__(self) -> int:
@@ -80,17 +88,22 @@ class FileImageDataset(Dataset):
         for k in range(len(self.paths)):
             j = (i + k) % len(self.paths)
             try:
-                with Image.open(self.paths[j]) as im:
-                    im.load()
-                    return im.copy(), int(self.labels[j])
+                return self._load(self.paths[j]), int(self.labels[j])
             except Exception as e:  # PIL raises many types for broken files
                 if self.paths[j] not in self.bad:
                     self.bad.add(self.paths[j])
                     log.warning("skipping unreadable image %s (%s)", self.paths[j], e)
         raise DatasetError("no readable image left in the dataset")
 
+    def _load(self, path: str) -> Image.Image:
+        if self.decode is not None:
+            return self.decode(Path(path).read_bytes())
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+
     def subset(self, idx: np.ndarray) -> "FileImageDataset":
-        return FileImageDataset([self.paths[i] for i in idx], self.labels[idx])
+        return FileImageDataset([self.paths[i] for i in idx], self.labels[idx], self.decode)
 
 
 @dataclass
@@ -121,6 +134,15 @@ class DataSplits:
             return self.mean * 3, self.std * 3
         w = (0.299, 0.587, 0.114)
         return [sum(a * b for a, b in zip(w, self.mean))], [sum(a * b for a, b in zip(w, self.std))]
+
+
+def use_pipeline(splits: DataSplits, decode: Callable[[bytes], Image.Image]) -> DataSplits:
+    """Decode the image files of every split with ``decode`` (``Preprocessor.decode_bytes``), the
+    service's own decoding; in-memory datasets are decoded by the transforms. Returns ``splits``."""
+    for ds in (splits.train, splits.val, splits.test):
+        if isinstance(ds, FileImageDataset):
+            ds.decode = decode
+    return splits
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,10 +425,11 @@ def _folder_stats(ds: FileImageDataset, seed: int) -> tuple[int, int, list[float
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(ds), size=min(FOLDER_STATS_SAMPLE, len(ds)), replace=False))
     images = [ds[i][0] for i in idx]
-    gray = all(im.mode in ("L", "1", "I;16", "I") for im in images)
+    gray = all(im.mode in ("L", "1", "LA", "I;16", "I;16L", "I;16B", "I;16N", "I", "F") for im in images)
     mode, channels = ("L", 1) if gray else ("RGB", 3)
     sides = sorted(min(im.size) for im in images)
-    pixels = np.concatenate([np.asarray(im.convert(mode), dtype=np.float32).reshape(-1, channels) / 255.0
+    # the pipeline's colour conversion (16-bit by range, alpha on black): the statistics of the pixels the model sees
+    pixels = np.concatenate([np.asarray(to_color_mode(im, mode), dtype=np.float32).reshape(-1, channels) / 255.0
                              for im in images])
     mean = [round(float(v), 4) for v in pixels.mean(0)]
     std = [round(max(float(v), 1e-3), 4) for v in pixels.std(0)]

@@ -21,16 +21,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 from tqdm import tqdm
 
-from imgformat.spec import make_preprocess
+from imgformat.preprocess import Preprocessor
+from imgformat.spec import imagenet_stats, make_preprocess
 from training import distributed as dist
 from training import transfer
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from training.datasets import DataSplits, get_dataset
+from training.datasets import DataSplits, get_dataset, use_pipeline
 from training.models import build_model, get_model_spec
-from training.transforms import _INTERPOLATION, eval_transform, resize_transform, to_color_mode
+from training.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -108,29 +108,6 @@ SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer, TrainConfig], Any]] = {
 # ---------------------------------------------------------------------------------------------
 # Transforms and data
 # ---------------------------------------------------------------------------------------------
-def train_transform(pre: dict[str, Any], augment: bool, hflip: bool) -> T.Compose:
-    """Training transform: the eval pipeline with light augmentation in the geometric step.
-
-    stretch (small images): resize, then a random crop with padding of 1/8 of the side (4 px at 32);
-    photos: a random resized crop. Horizontal flips only when they keep the label.
-    """
-    if not augment:
-        return eval_transform(pre)
-    size = pre["input_size"]
-    if pre["resize_policy"] == "stretch":
-        geometric = [resize_transform(pre), T.RandomCrop(size, padding=max(1, size // 8))]
-    else:
-        geometric = [T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=_INTERPOLATION[pre["interpolation"]])]
-    background = tuple(pre.get("alpha_background", (0, 0, 0)))
-    return T.Compose([
-        T.Lambda(lambda im: to_color_mode(im, pre["color_mode"], background)),
-        *geometric,
-        *([T.RandomHorizontalFlip()] if hflip else []),
-        T.ToTensor(),
-        T.Normalize(pre["mean"], pre["std"]),
-    ])
-
-
 class Transformed(Dataset):
     """``(PIL, label)`` dataset -> ``(tensor, label)`` through ``transform``."""
 
@@ -188,9 +165,17 @@ def resolve_image_size(cfg: TrainConfig, splits: DataSplits, model_name: str) ->
     return max(native, spec.min_input_size)
 
 
-def resolve_preprocess(splits: DataSplits, channels: int, image_size: int) -> dict[str, Any]:
-    """The checkpoint's ``preprocess``: stretch for small datasets, shorter-side crop for photos >= 64 px."""
+def resolve_preprocess(splits: DataSplits, channels: int, image_size: int, pretrained: str | None = None) -> dict[str, Any]:
+    """The checkpoint's ``preprocess``: stretch for small datasets, shorter-side crop for photos >= 64 px.
+
+    Normalisation: the dataset's own mean/std, except when fine-tuning ImageNet weights, which
+    expect torchvision's ImageNet statistics (the first layers were trained on inputs normalised
+    that way; a grey model gets their channel average, matching the summed RGB stem filters of
+    ``transfer``). A checkpoint source keeps the target data's statistics: it may come from
+    another domain whose statistics this run cannot know."""
     mean, std = splits.stats_for(channels)
+    if pretrained == "imagenet":
+        mean, std = imagenet_stats(channels)
     policy = "shorter_side_center_crop" if splits.photos and image_size >= PHOTO_CROP_MIN else "stretch"
     return make_preprocess(channels=channels, input_size=image_size, mean=mean, std=std, resize_policy=policy)
 
@@ -237,7 +222,8 @@ def _prepare(cfg: TrainConfig) -> _Setup:
     cfg = replace(cfg, channels=channels, image_size=image_size,
                   lr=cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer],
                   hflip=splits.hflip if cfg.hflip is None else cfg.hflip, head=list(cfg.head))
-    preprocess = resolve_preprocess(splits, channels, image_size)
+    preprocess = resolve_preprocess(splits, channels, image_size, cfg.pretrained)
+    use_pipeline(splits, Preprocessor.from_manifest(preprocess).decode_bytes)  # files decode as served
     model_kwargs = {"num_classes": splits.num_classes, "in_channels": channels, "input_size": image_size,
                     "head": list(cfg.head), "dropout": cfg.dropout}
     _seed_everything(cfg.seed)  # same initial weights on every rank and every run

@@ -1,7 +1,8 @@
-"""The service's PIL/NumPy preprocessing equals training's PyTorch eval pipeline, and refuses bad uploads.
+"""The pipeline's resize/crop equals torchvision's Resize/CenterCrop, its decode policies hold, and
+it refuses bad uploads.
 
-No server here: these compare ``imgformat.preprocess.Preprocessor`` with
-``training.transforms.eval_transform`` pixel by pixel on real images (sklearn's photos, digits).
+No server here: ``imgformat.preprocess.Preprocessor`` against torchvision's transforms pixel by
+pixel on real images (sklearn's photos), after the pipeline's own decode (the shared truth).
 """
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgformat.preprocess import ImageError, Preprocessor
+from torchvision import transforms as T
+
+from imgformat.preprocess import ImageError, Preprocessor, to_color_mode
 from imgformat.spec import make_preprocess
-from training.transforms import eval_transform
+from training.transforms import _INTERPOLATION
 
 MAX_PIXELS = 4_000_000
 
@@ -31,10 +34,12 @@ def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 
 def _reference_uint8(pre: dict, img: Image.Image) -> np.ndarray:
-    """eval_transform's tensor mapped back to the uint8 pixels it normalised: (H, W, C)."""
-    x = eval_transform(pre)(img).numpy()  # (C, H, W), normalised
-    mean, std = np.array(pre["mean"])[:, None, None], np.array(pre["std"])[:, None, None]
-    return np.round((x * std + mean) * 255.0).transpose(1, 2, 0).astype(np.int32)
+    """torchvision's Resize (+ CenterCrop) on the colour-converted image: (H, W, C) int32."""
+    interp, size = _INTERPOLATION[pre["interpolation"]], pre["input_size"]
+    geometry = T.Resize((size, size), interpolation=interp) if pre["resize_policy"] == "stretch" else \
+        T.Compose([T.Resize(pre["resize_size"], interpolation=interp), T.CenterCrop(size)])
+    a = np.asarray(geometry(to_color_mode(img, pre["color_mode"], pre["alpha_background"])), dtype=np.int32)
+    return a[:, :, None] if a.ndim == 2 else a
 
 
 PRESETS = {
@@ -49,7 +54,7 @@ PRESETS = {
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "LA", "P", "CMYK"])
-def test_matches_eval_transform_on_png(preset: str, mode: str) -> None:
+def test_resize_matches_torchvision_on_png(preset: str, mode: str) -> None:
     pre = PRESETS[preset]
     src = _photo().crop((0, 0, 517, 413))  # odd sizes: rounding of the crop offsets matters
     if mode in ("RGBA", "LA"):
@@ -70,7 +75,7 @@ def test_matches_eval_transform_on_png(preset: str, mode: str) -> None:
     # Resizing only the crop box rounds filter positions slightly differently: a handful of pixels
     # may be one grey level off (measured: 0.009 % of china.jpg's crop), never more.
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (
-        f"{preset}/{mode}: served pixels differ from eval_transform: max {diff.max()}, {(diff > 0).mean():.4%} of pixels")
+        f"{preset}/{mode}: pipeline differs from torchvision Resize/CenterCrop: max {diff.max()}, {(diff > 0).mean():.4%} of pixels")
 
 
 def test_jpeg_draft_changes_pixels_by_little() -> None:
