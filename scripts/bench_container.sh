@@ -18,7 +18,14 @@ port() { "$PY" -c 'from loadtests.servectl import free_port; print(free_port())'
 bench() {  # LABEL CMD URL
   "$PY" -m loadtests.bench --bundle "$BUNDLE" --no-inproc --no-floor --duration "$DURATION" --concurrency "$CONCURRENCY" \
     --label "$1" --server-cmd "$2" --url "$3" --out "$out/$1" > "$out/$1.log" 2>&1 || { tail -20 "$out/$1.log"; exit 1; }
-  "$PY" -c 'import json,sys; r=json.load(open(sys.argv[1])); b=max(r["served"], key=lambda s: s["ok_rps"]); print(f"{sys.argv[2]:<14} best {b[\"ok_rps\"]:8.1f} 2xx req/s at c={b[\"concurrency\"]}  (" + ", ".join(f"c={s[\"concurrency\"]}: {s[\"ok_rps\"]:.1f}" for s in r["served"]) + f"; load {r[\"loadavg_start\"][0]:.1f}->{r[\"loadavg_end\"][0]:.1f})")' "$out/$1/bench.json" "$1" | tee -a "$out/summary.txt"
+  "$PY" - "$out/$1/bench.json" "$1" <<'PY' | tee -a "$out/summary.txt"
+import json, sys
+r = json.load(open(sys.argv[1]))
+best = max(r["served"], key=lambda s: s["ok_rps"])
+each = ", ".join("c=%d: %.1f" % (s["concurrency"], s["ok_rps"]) for s in r["served"])
+print("%-12s best %7.1f 2xx req/s at c=%d (%s; load %.1f->%.1f)" % (sys.argv[2], best["ok_rps"], best["concurrency"],
+      each, r["loadavg_start"][0], r["loadavg_end"][0]))
+PY
 }
 echo "bundle $BUNDLE, image $IMAGE ($("$ENGINE" image inspect --format '{{.Id}}' "$IMAGE" | cut -c1-12)), $(uptime)" | tee "$out/summary.txt"
 for r in $(seq "$ROUNDS"); do
