@@ -123,16 +123,16 @@ def run_case(bundle: Path, image_spec: str, kinds: list[str], concs: list[int], 
                 (r,) = measure_server(server, path, {**wrk_env, "BODY_FILE": str(files[kind])}, [c], duration_s)
                 rows.append({"bundle": bundle.name, "image": image_spec, "image_bytes": len(image), "kind": kind,
                              "body_bytes": len(body), "concurrency": r.concurrency, "ok_rps": round(r.ok_rps, 1),
-                             "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors,
+                             "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors, "error_detail": r.error_detail,
                              "cpu_ms_per_req": round(r.cpu_ms_per_req or 0, 2)})
     return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'bundle':<10} {'kind':<10} {'body B':>8} {'conc':>4} {'ok req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-             f"{'errors':>6} {'CPU ms/req':>10}"]
+             f"{'errors':>6} {'CPU ms/req':>10}  non-2xx"]
     lines += [f"{r['bundle']:<10} {r['kind']:<10} {r['body_bytes']:>8} {r['concurrency']:>4} {r['ok_rps']:>9.1f} "
-              f"{r['p50_ms'] or 0:>8.1f} {r['p99_ms'] or 0:>8.1f} {r['errors']:>6} {r['cpu_ms_per_req']:>10.2f}"
+              f"{r['p50_ms'] or 0:>8.1f} {r['p99_ms'] or 0:>8.1f} {r['errors']:>6} {r['cpu_ms_per_req']:>10.2f}  {r['error_detail']}"
               for r in rows]
     return "\n".join(lines)
 
