@@ -1,6 +1,7 @@
 """Load the configured bundles into served models: manifest -> preprocessor, backend, batcher."""
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import time
@@ -131,7 +132,16 @@ def load_ready_model(src: ModelSource, settings: Settings, executor: Executor) -
                 m.batcher.max_batch_size, batch_ms,
                 f"{m.backend_threads} intra-op thread(s), "
                 + ("batches on the event loop" if getattr(m.batcher, "inline", False) else "batches on the inference thread"))
+    malloc_trim()  # loading freed the model file's bytes and the warm-up's buffers
     return m
+
+
+def malloc_trim() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS would not fall)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _tune_small_model(m: ServedModel, settings: Settings) -> float:

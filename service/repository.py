@@ -14,7 +14,6 @@ later ones use the new one. The old model is dropped once its last admitted requ
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import json
 import logging
@@ -32,7 +31,7 @@ from service import metrics
 from service.config import ModelSource
 from service.errors import Refused
 from service.io import error_response, json_response
-from service.models import ServedModel, load_ready_model
+from service.models import ServedModel, load_ready_model, malloc_trim
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ class ModelRepository:
         old.batcher.close()
         del old
         gc.collect()  # the frozen-threshold gc (service.tune_gc) would keep cycles around for long
-        _malloc_trim()
+        malloc_trim()
 
 
 def _source(name: str, params: dict) -> ModelSource | None:
@@ -137,14 +136,6 @@ def _source(name: str, params: dict) -> ModelSource | None:
                 raise Refused(f"parameters.{key} must be a non-empty string", 400, "bad_load")
             return ModelSource(name, value, store=key == "store")
     return None
-
-
-def _malloc_trim() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS would not fall)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 # -- routes --------------------------------------------------------------------------------------
