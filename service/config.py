@@ -1,25 +1,8 @@
-"""Service configuration from environment variables (documented in the README's Serving section).
+"""Service configuration from IMGSERVE_* environment variables, read once at start-up.
 
-| variable | default | meaning |
-| --- | --- | --- |
-| IMGSERVE_MODELS | bundles/default | comma list: `DIR`, `NAME=DIR`, `store:TAG` or `NAME=store:TAG` (BentoML model store); the first is the default model |
-| IMGSERVE_BACKEND | onnx | onnx or torchscript (torchscript imports torch) |
-| IMGSERVE_PRECISION | fp32 | fp32 or int8 (the bundle's model.int8.onnx) |
-| IMGSERVE_DEVICE | auto | auto (GPU when present), cpu or cuda |
-| IMGSERVE_WORKERS | 1 | BentoML worker processes (a number, or `cores`); each loads every model and admits up to 1/N of IMGSERVE_MAX_QUEUE |
-| IMGSERVE_THREADS | cores / workers | intra-op threads of the inference pool (per worker) |
-| IMGSERVE_BATCHER | eager | eager (no wait; batches form while the model is busy) or bentoml (BentoML's CorkDispatcher) |
-| IMGSERVE_SMALL_MODEL_MS | 5 | a model whose largest batch took at most this long at warm-up runs its batches on the event loop (no thread hand-off) with one intra-op thread (unless IMGSERVE_THREADS is set); 0: never |
-| IMGSERVE_MAX_BATCH_SIZE | 32 | images per inference call |
-| IMGSERVE_MAX_LATENCY_MS | 10000 | admission bound: a request whose estimated queue wait exceeds it gets 503 + Retry-After |
-| IMGSERVE_MAX_QUEUE | 512 | images waiting for inference at most (then 503) |
-| IMGSERVE_MAX_BODY_BYTES | 20000000 | request body limit (413) |
-| IMGSERVE_MAX_PIXELS | 40000000 | pixels per image limit (413; decompression bombs) |
-| IMGSERVE_MAX_IMAGES | 64 | files per /classify_batch request (413) |
-| IMGSERVE_TIMEOUT_S | 60 | BentoML request timeout |
-| IMGSERVE_API_KEY | (unset) | when set, /classify*, OIP inference and the model repository API need `Authorization: Bearer KEY` (401 otherwise) |
-| IMGSERVE_API_KEY_FILE | (unset) | the key read from this file instead (a mounted secret; surrounding whitespace dropped) |
-| IMGSERVE_MODEL_CONTROL | none | none or explicit: explicit allows loading and unloading models through the OIP model repository API (docs/protocol.md) |
+What each variable means, its default and valid values: the settings table in docs/serving.md
+(the only copy; ``tests/service/test_settings_doc.py`` checks that it lists exactly what
+``load_settings`` reads).
 """
 from __future__ import annotations
 

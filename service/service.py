@@ -283,10 +283,8 @@ def tune_gc() -> None:
 
     Each request allocates a few thousand short-lived objects (ASGI, BentoML, pydantic), so the
     default gen-0 threshold of 700 ran a collection every request or so, and the older
-    generations kept re-scanning every module and model object loaded at start. Freezing the
-    start-up heap and collecting gen 0 every 50 000 allocations took the 28 px model from 1098 to
-    1398 req/s at c=64 and its p99 from 177 to 67 ms (loadtests.bench, 2-core host). Cycles are
-    still collected, only less often.
+    generations kept re-scanning every module and model object loaded at start. Cycles are still
+    collected, only less often (figures: docs/benchmarks.md, one-off A/Bs).
     """
     gc.collect()
     gc.freeze()
