@@ -161,10 +161,10 @@ class EagerBatcher(_Base):
     Two ways to run a batch:
     - on the inference thread (default): the event loop keeps parsing and decoding meanwhile;
     - ``inline`` on the event loop, for models whose largest batch takes a few milliseconds (set
-      by ``service.models``, IMGSERVE_SMALL_MODEL_MS). For a 28 px CNN the hand-off to a thread (two context switches
-      and a GIL hand-back that waits up to the 5 ms switch interval while the loop is busy) cost
-      more than the model: inference per batch went from 11 ms to 3 ms, and the event loop is
-      blocked no longer than one small batch. The run is deferred with ``call_soon`` so every
+      by ``service.models``, IMGSERVE_SMALL_MODEL_MS). For such a model the hand-off to a thread
+      (two context switches and a GIL hand-back that waits up to the 5 ms switch interval while
+      the loop is busy) costs more than the model, and the event loop is blocked no longer than
+      one small batch. The run is deferred with ``call_soon`` so every
       request that reaches the batcher in the same loop iteration joins the batch.
     """
 

@@ -146,12 +146,10 @@ def malloc_trim() -> None:
 
 def _tune_small_model(m: ServedModel, settings: Settings) -> float:
     """A model whose largest batch takes a few ms: its batches run on the event loop
-    (``EagerBatcher.inline``) with one intra-op thread. Measured with a 28 px CNN on 2 cores
-    (loadtests.bench, req/s at c=1 / 64): inference thread 1075 / 1616-1773 with a dip to 939 at
-    c=8 (the thread waits for the busy loop to hand back the GIL); on the loop with two intra-op
-    threads 1152 / 1563; on the loop with one thread 1257 / 1643. Waking a second thread for each
-    of the model's tiny operators costs more than it saves. An explicit IMGSERVE_THREADS wins.
-    Returns the extra warm-up seconds."""
+    (``EagerBatcher.inline``) with one intra-op thread: on a thread, each batch waits for the busy
+    loop to hand back the GIL, and waking a second intra-op thread for each of the model's tiny
+    operators costs more than it saves (figures: docs/benchmarks.md, small model). An explicit
+    IMGSERVE_THREADS wins. Returns the extra warm-up seconds."""
     if hasattr(m.batcher, "inline"):
         m.batcher.inline = True
     if settings.threads == 1 or m.backend.device != "cpu" or settings.threads_explicit:
