@@ -19,12 +19,19 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run
 API_KEY = "demo-test-key"
 
 
+def missing(what: str) -> None:
+    """Skip on a developer's machine; fail in CI (CI=true), where scripts/setup.sh installs it."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{what} (CI must run the browser tests)")
+    pytest.skip(what)
+
+
 @pytest.fixture(scope="session")
 def fashion_bundle(tmp_path_factory) -> Path:
     """simple_cnn trained for real on 3000 Fashion-MNIST images (one epoch: enough to name a shoe),
     exported with the parity gate."""
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist (scripts/setup.sh does)")
+        missing("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist (scripts/setup.sh does)")
     from export import export_bundle
     from training.train import TrainConfig, train
 
@@ -59,7 +66,7 @@ def browser(tmp_path_factory):
     """Headless Chromium (Debian's chromium + chromium-driver) with a fresh profile."""
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.skip("chromium or chromedriver missing: apt-get install chromium chromium-driver (scripts/setup.sh does)")
+        missing("chromium or chromedriver missing: apt-get install chromium chromium-driver (scripts/setup.sh does)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
