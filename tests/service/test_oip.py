@@ -258,3 +258,11 @@ def test_metrics_count_oip_requests(server, files):
     assert 'endpoint="/v2/models/digits/infer",http_response_code="200"' in text
     assert 'imgserve_errors_total{kind="bad_dtype"}' in text
     assert 'imgserve_batch_size_count{model="digits"}' in text
+
+
+def test_admission_control_answers_503_with_retry_after(strict_server, files):
+    """strict_server admits at most 4 images in flight: 5 in one request are refused at the door."""
+    r = _infer_json(strict_server.url, _bytes_doc(files[:5]), headers={"Authorization": "Bearer s3cret-key"})
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "overloaded" in r.json()["error"], r.text
+    r = _infer_json(strict_server.url, _bytes_doc(files[:4]), headers={"Authorization": "Bearer s3cret-key"})
+    assert r.status_code == 200, r.text
