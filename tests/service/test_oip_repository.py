@@ -175,6 +175,7 @@ def test_swap_under_closed_loop_of_8_clients(client, repo_server, bundle, bundle
     assert statuses == Counter({200: len(answers)}), statuses
     versions = Counter(a[1] for a in answers)
     assert versions["1"] > 0 and versions["2"] > 0 and set(versions) == {"1", "2"}, versions
+    print(f"\nswap under 8 clients: {len(answers)} answers, statuses {dict(statuses)}, versions {dict(versions)}")
     for _, v, scores in answers:
         np.testing.assert_allclose([scores[i] for i in range(10)], probs[v], rtol=1e-5, atol=1e-7)
 
