@@ -98,6 +98,23 @@ def test_load_switches_version_everywhere(client, repo_server, bundle, bundle_v2
     assert _logits(client, image)[0] == "1"
 
 
+def test_load_from_the_bentoml_model_store(client, repo_server, bundle_v2, image):
+    """A store tag instead of a path: the bundle imported into the server's own BENTOML_HOME."""
+    import os
+    import subprocess
+    import sys
+
+    home = repo_server.env["BENTOML_HOME"]
+    code = f"from export.store import import_to_bentoml; print(import_to_bentoml({str(bundle_v2)!r}))"
+    tag = subprocess.run([sys.executable, "-c", code], env={**os.environ, "BENTOML_HOME": home}, check=True,
+                         capture_output=True, text=True, timeout=120).stdout.split()[-1]
+    assert tag == "digits:2"
+    r = _load(repo_server.url, "from-store", store=tag)
+    assert r.status_code == 200 and r.json() == {"name": "from-store", "version": "2"}, r.text
+    assert _logits(client, image, "from-store")[0] == "2"
+    client.unload_model("from-store")
+
+
 def test_refused_loads_keep_the_served_version(client, repo_server, bundle_v2, tmp_path, image):
     tampered = tmp_path / "tampered"
     shutil.copytree(bundle_v2, tampered)
