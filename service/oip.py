@@ -84,6 +84,23 @@ def metadata(m: ServedModel) -> dict[str, Any]:
             "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, c]} for n in OUTPUTS]}
 
 
+async def model_config(request: Request) -> Response:
+    return _guarded(lambda svc: json_response(config(_resolve(svc, request))))
+
+
+def config(m: ServedModel) -> dict[str, Any]:
+    """Triton's model configuration (GET .../config, tritonclient's ``get_model_config``): the batch
+    dimension is implicit, ``max_batch_size`` is the batcher's."""
+    backend = {"onnx": ("onnxruntime_onnx", "onnxruntime"), "torchscript": ("pytorch_libtorch", "pytorch")}
+    platform, name = backend.get(m.backend.name, (m.backend.name, m.backend.name))
+    c = len(m.class_names)
+    return {"name": m.name, "platform": platform, "backend": name, "max_batch_size": m.batcher.max_batch_size,
+            "version_policy": {"specific": {"versions": [m.version]}},
+            "input": [{"name": _input_name(m), "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC",
+                       "dims": list(m.preprocessor.shape)}],
+            "output": [{"name": n, "data_type": "TYPE_FP32", "dims": [c]} for n in OUTPUTS]}
+
+
 def _input_name(m: ServedModel) -> str:
     return m.bundle.manifest["input"].get("name", "image")
 
@@ -220,6 +237,7 @@ def _guarded(fn: Callable[[Any], Response]) -> Response:
 def _model_routes(prefix: str) -> list[Route]:
     return [Route(prefix, model_metadata, methods=["GET"]),
             Route(prefix + "/ready", model_ready, methods=["GET"]),
+            Route(prefix + "/config", model_config, methods=["GET"]),
             Route(prefix + "/infer", infer, methods=["POST"])]
 
 

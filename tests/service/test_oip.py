@@ -68,6 +68,9 @@ def test_health_and_metadata(client, server):
     assert m["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 8, 8, 1]}], m
     assert [(o["name"], o["shape"]) for o in m["outputs"]] == [("logits", [-1, 10]), ("probabilities", [-1, 10])]
     assert client.get_model_metadata("digits", "1") == m
+    cfg = client.get_model_config("digits")  # Triton's model configuration
+    assert cfg["max_batch_size"] == 32 and cfg["input"][0]["dims"] == [8, 8, 1], cfg
+    assert cfg["input"][0]["data_type"] == "TYPE_UINT8" and [o["dims"] for o in cfg["output"]] == [[10], [10]]
     with pytest.raises(InferenceServerException, match="unknown model"):
         client.get_model_metadata("nope")
 
