@@ -1,7 +1,7 @@
 # The two commands of the README (make serve, make test), and make bench. All are idempotent and
 # install what they need. `make serve DATA=path/to/folder MODEL=resnet18` trains on a folder of
 # labelled images (one subfolder per class); scripts/serve.sh lists every variable.
-.PHONY: serve test setup demo bench image
+.PHONY: serve test setup demo bench image replicas replicas-down
 
 setup:
 	./scripts/setup.sh
@@ -24,3 +24,13 @@ BASE ?= auto
 image: setup
 	./scripts/serve.sh build
 	.venv/bin/python -m container build --flavour $(FLAVOUR) --base $(BASE) --bundle bundles/default
+
+# N replicas of the image behind HAProxy on 127.0.0.1:PORT (docs/scaleout.md), the local stand-in
+# for a Kubernetes Service; BUNDLE=DIR serves a mounted bundle instead of the image's own model.
+N ?= 2
+PORT ?= 8080
+replicas: image
+	.venv/bin/python -m deploy.replicas up -n $(N) --port $(PORT) --image localhost/imgserve:$(FLAVOUR) $(if $(BUNDLE),--bundle $(BUNDLE))
+
+replicas-down:
+	.venv/bin/python -m deploy.replicas down

@@ -20,7 +20,7 @@ from pathlib import Path
 from deploy.replicas.cluster import Cluster
 from deploy.replicas.runners import RUNNERS
 
-DEFAULT_IMAGE = os.environ.get("IMGSERVE_IMAGE", "localhost/imgserve:latest")
+DEFAULT_IMAGE = os.environ.get("IMGSERVE_IMAGE", "localhost/imgserve:cpu")  # what `make image` builds
 
 
 def _env(pairs: list[str]) -> dict[str, str]:

@@ -18,14 +18,6 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[2]
-# Engine settings that work on hosts where podman's defaults do not (crun, systemd cgroups, default
-# ulimits that runc may not set): valid everywhere, so always used unless CONTAINERS_CONF is set.
-PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
-CONTAINERS_CONF = str(Path(__file__).with_name("containers.conf"))
-
-
-def podman_env() -> dict[str, str]:
-    return {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", CONTAINERS_CONF)}
 # The one writable place under a read-only root, with BentoML's home in it (as deploy/k8s/base/deployment.yaml).
 TMPFS = ("/tmp",)
 CONTAINER_ENV = {"BENTOML_HOME": "/tmp/bentoml"}
@@ -51,10 +43,18 @@ class Replica:
         return asdict(self)
 
 
-def _run(cmd: list[str], timeout: float = 120) -> str:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=podman_env())
+def podman():
+    """The podman engine of container/ (its host settings: runc, cgroupfs, no default ulimits where needed)."""
+    from container.build import WORK
+    from container.engines import get_engine
+
+    return get_engine("podman", WORK)
+
+
+def _run(*args: str, timeout: float = 120) -> str:
+    out = podman().run(*args, check=False, timeout=timeout)
     if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"podman {' '.join(args[:4])} ... failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
     return out.stdout.strip()
 
 
@@ -68,32 +68,33 @@ def podman_start(image: str, port: int, env: dict[str, str], bundle: Path | None
         env["IMGSERVE_MODELS"] = inside
     env = {**CONTAINER_ENV, **env}
     # --no-healthcheck: HAProxy checks /readyz; podman's own checks need systemd timers.
-    cmd = [*PODMAN, "run", "-d", "--network", "host", "--read-only", "--read-only-tmpfs=false", "--no-healthcheck",
+    cmd = ["run", "-d", "--network", "host", "--read-only", "--read-only-tmpfs=false", "--no-healthcheck",
            "--restart", "on-failure", "--label", "imgserve.replica=1",
            *[a for t in TMPFS for a in ("--tmpfs", f"{t}:rw,mode=1777")], *mounts,
            "-e", "BENTOML_HOST=127.0.0.1", "-e", f"BENTOML_PORT={port}",
            *[a for k, v in env.items() for a in ("-e", f"{k}={v}")], image]
-    cid = _run(cmd)
+    cid = _run(*cmd)
     return Replica("podman", cid, port, env.get("IMGSERVE_MODELS", "(image default)"),
                    str(log_dir / f"replica-{port}.log"), env)
 
 
 def podman_server_pid(r: Replica) -> int:
     """Host PID of the container's main process (`bentoml serve`)."""
-    return int(_run([*PODMAN, "inspect", "--format", "{{.State.Pid}}", r.ref]))
+    return int(_run("inspect", "--format", "{{.State.Pid}}", r.ref))
 
 
 def podman_stop(r: Replica, grace_s: float) -> None:
     """SIGTERM (BentoML finishes what it has in flight), SIGKILL after the grace; logs kept, container removed."""
-    subprocess.run([*PODMAN, "stop", "-t", str(int(grace_s)), r.ref], capture_output=True, timeout=grace_s + 60, env=podman_env())
+    engine = podman()
+    engine.run("stop", "-t", str(int(grace_s)), r.ref, check=False, timeout=grace_s + 60)
     if r.log:
-        with open(r.log, "wb") as fh:
-            subprocess.run([*PODMAN, "logs", r.ref], stdout=fh, stderr=subprocess.STDOUT, timeout=60, env=podman_env())
-    subprocess.run([*PODMAN, "rm", "-f", r.ref], capture_output=True, timeout=60, env=podman_env())
+        logs = engine.run("logs", r.ref, check=False, timeout=60)
+        Path(r.log).write_text(logs.stdout + logs.stderr)
+    engine.run("rm", "-f", r.ref, check=False, timeout=60)
 
 
 def podman_restarts(r: Replica) -> int:
-    return int(_run([*PODMAN, "inspect", "--format", "{{.RestartCount}}", r.ref]) or 0)
+    return int(_run("inspect", "--format", "{{.RestartCount}}", r.ref) or 0)
 
 
 # -- plain process -----------------------------------------------------------------------------
