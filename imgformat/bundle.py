@@ -46,6 +46,34 @@ class Bundle:
         hint = " (re-export with --int8)" if precision == "int8" else ""
         raise BundleError(f"bundle {self.path} has no {kind}/{precision} model file{hint}; it has: {', '.join(have)}")
 
+    def unchecked(self, precision: str) -> list[str]:
+        """Why serving ``precision`` from this bundle would be unproven: each gate the manifest
+        records as failed, or as never run for that precision. Empty when every gate passed."""
+        m, why = self.manifest, []
+        if not m["parity"].get("passed"):
+            why.append("its parity gate failed")
+        gate = GATES.get(precision)
+        if gate is not None:
+            why += gate(m)
+        return why
+
+
+def _int8_gate(m: dict[str, Any]) -> list[str]:
+    if "int8" not in m:
+        return ["its INT8 file has no accuracy gate report"]
+    return [] if m["int8"].get("passed") else [f"its INT8 accuracy gate failed (drop over {m['int8'].get('max_drop')} points)"]
+
+
+def _fp16_gate(m: dict[str, Any]) -> list[str]:
+    parity = (m.get("fp16") or {}).get("parity") or {}
+    if not parity.get("checked"):
+        return [f"its FP16 file was never checked on a GPU ({parity.get('reason', 'no FP16 parity report')})"]
+    return [] if parity.get("passed", False) else ["its FP16 parity gate failed"]
+
+
+# precision -> the manifest's gate for that precision's file (FP32's is the parity gate, always checked)
+GATES = {"int8": _int8_gate, "fp16": _fp16_gate}
+
 
 # -- the manifest -------------------------------------------------------------------------------
 def validate_manifest(manifest: Any, where: str | os.PathLike = "manifest") -> dict[str, Any]:

@@ -23,11 +23,12 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Awaitable, Callable, Iterator, Sequence
 
 import numpy as np
 
 from service import metrics
+from service.errors import Refused
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,15 @@ class _Base:
             self._finished(n)
 
     def check(self, n: int = 1) -> None:
-        """Raise Overloaded when ``n`` more images cannot be served in time; admits and counts nothing."""
+        """Raise Overloaded when ``n`` more images cannot be served in time; admits and counts nothing.
+
+        A request larger than the whole queue can never be served, however long it waits: that is
+        the client's error (413), not a retry-later (503)."""
+        if n > self.max_queue:
+            raise Refused(f"{n} images in one request can never be served: at most {self.max_queue} images may "
+                          f"wait for model {self.model!r} (IMGSERVE_MAX_QUEUE, shared by the workers); send fewer "
+                          f"per request", 413,
+                          "over_max_queue")
         wait = self.estimated_wait(n)
         if self.in_flight + n > self.max_queue or wait > self.max_latency_s:
             raise Overloaded(f"overloaded: {self.in_flight} images (about {wait:.2f} s of work) are in flight for "
@@ -175,7 +184,11 @@ class EagerBatcher(_Base):
         self.inline = False
 
     async def infer(self, pixels: np.ndarray) -> np.ndarray:
-        """(n, H, W, C) uint8 -> (n, num_classes) logits, batched with whatever else is waiting."""
+        """(n, H, W, C) uint8 -> (n, num_classes) logits, batched with whatever else is waiting;
+        a request larger than ``max_batch_size`` is queued in pieces of at most that size."""
+        return await _in_pieces(self._infer, pixels, self.max_batch_size)
+
+    async def _infer(self, pixels: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()
         job = _Job(pixels, loop.create_future(), time.perf_counter())
         self._queue.append(job)
@@ -246,6 +259,15 @@ class EagerBatcher(_Base):
             self._dispatch(loop)
 
 
+async def _in_pieces(infer: Callable[[np.ndarray], Awaitable[np.ndarray]], pixels: np.ndarray,
+                     cap: int) -> np.ndarray:
+    """``infer`` on slices of at most ``cap`` images, all queued at once, results in order."""
+    if len(pixels) <= cap:
+        return await infer(pixels)
+    parts = await asyncio.gather(*(infer(pixels[i:i + cap]) for i in range(0, len(pixels), cap)))
+    return np.concatenate(parts)
+
+
 def _concat(jobs: list[_Job]) -> np.ndarray:
     return jobs[0].pixels if len(jobs) == 1 else np.concatenate([j.pixels for j in jobs])
 
@@ -280,6 +302,9 @@ class CorkBatcher(_Base):
         return list(np.split(out, np.cumsum(sizes)[:-1]))
 
     async def infer(self, pixels: np.ndarray) -> np.ndarray:
+        return await _in_pieces(self._infer, pixels, self.max_batch_size)
+
+    async def _infer(self, pixels: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
         out = await self._call(pixels)
         metrics.QUEUE.labels(model=self.model).observe(max(time.perf_counter() - t0 - self.per_image_s * len(pixels), 0.0))

@@ -47,6 +47,7 @@ class Settings:
     timeout_s: int = 60
     api_key: str | None = None
     model_control: str = "none"  # "explicit": the repository API may load and unload models
+    allow_unchecked: bool = False  # serve bundles whose gates failed or never ran
 
     def __repr__(self) -> str:  # never print the key
         return (f"Settings(models={self.models}, backend={self.backend}, precision={self.precision}, "
@@ -78,6 +79,18 @@ def _int(env: Mapping[str, str], key: str, default: int, lo: int = 1) -> int:
     if v < lo:
         raise ConfigError(f"{key}={v} must be >= {lo}")
     return v
+
+
+_BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def _bool(env: Mapping[str, str], key: str, default: bool = False) -> bool:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() not in _BOOLS:
+        raise ConfigError(f"{key}={raw!r} is not valid; choose one of: 1, 0 (or true/false, yes/no)")
+    return _BOOLS[raw.lower()]
 
 
 def _choice(env: Mapping[str, str], key: str, default: str, valid: tuple[str, ...]) -> str:
@@ -113,6 +126,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         timeout_s=_int(env, "IMGSERVE_TIMEOUT_S", 60),
         api_key=_api_key(env),
         model_control=_model_control(env, workers),
+        allow_unchecked=_bool(env, "IMGSERVE_ALLOW_UNCHECKED"),
     )
 
 

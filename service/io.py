@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from pydantic import Field
 from pydantic_core import core_schema
@@ -102,11 +103,19 @@ def form_fields(content_type: str, body: bytes | None, scope: dict, cls: type[be
                 data[name] = (data[name] or []) + [Upload(filename, ctype, payload)]
         elif name in cls.model_fields:
             v = payload[:1024].decode("utf-8", "replace")
-            try:
-                data[name] = json.loads(v)
-            except (json.JSONDecodeError, TypeError):
-                data[name] = v
+            data[name] = TEXT_FIELDS.get(name, str)(v)
     return data
+
+
+def _integer(text: str) -> int | str:
+    """``top_k``: a decimal integer, else the text as sent (the API answers 400 naming it)."""
+    s = text.strip()
+    return int(s) if re.fullmatch(r"[+-]?[0-9]{1,9}", s) else text
+
+
+# Text form fields are strings (a model named "null" or "1e5" stays that string); only these are
+# converted. JSON-decoding every field once made `model=null` select the default model.
+TEXT_FIELDS: dict[str, Callable[[str], Any]] = {"top_k": _integer}
 
 
 def _utf8(latin1: str | None) -> str | None:

@@ -65,6 +65,11 @@ class ServedModel:
             # The fastest of a few full batches: on a busy host one run can take several times
             # longer, and this figure decides whether the model counts as small (load_models).
             per_image = min(self._warm((big, 1, big)), *(self._warm((big,)) for _ in range(3)))
+        else:
+            self._warm((big,))  # the batcher caps batches at `big`: the largest size ever run is warm
+        if self.backend.device == "cuda":
+            # GPU kernels (and TensorRT engines) are chosen per input shape: warm every power of two
+            self._warm(warm_sizes(big))
         # Seed admission control with the measured cost, so overload is recognised from the first burst.
         self.batcher.per_image_s = per_image
         return time.perf_counter() - t0
@@ -78,6 +83,15 @@ class ServedModel:
                 raise BundleError(f"model {self.name}: output shape {out.shape} for a batch of {n}, "
                                   f"expected {(n, len(self.class_names))}")
         return (time.perf_counter() - t1) / sizes[-1]
+
+
+def warm_sizes(big: int) -> tuple[int, ...]:
+    """1, 2, 4, ... below ``big``, then ``big``: the batch sizes a GPU warm-up runs."""
+    sizes, n = [], 1
+    while n < big:
+        sizes.append(n)
+        n *= 2
+    return (*sizes, big)
 
 
 def resolve_source(src: ModelSource) -> Path:
@@ -99,6 +113,7 @@ def load_model(src: ModelSource, settings: Settings, executor: Executor) -> Serv
     if not NAME_RE.match(name):
         raise BundleError(f"model name {name!r} must match {NAME_RE.pattern}")
     precision = settings.precision
+    _check_gates(bundle, name, precision, settings.allow_unchecked)
     kind = _KIND[settings.backend]
     path = bundle.model_file(kind, precision)  # verifies size and sha256 before anything loads it
     backend = create_backend(settings.backend, path, threads=settings.threads, device=settings.device)
@@ -107,6 +122,18 @@ def load_model(src: ModelSource, settings: Settings, executor: Executor) -> Serv
                              max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms,
                              max_queue=math.ceil(settings.max_queue / settings.workers))  # the bound is service-wide
     return ServedModel(name, bundle, pre, backend, batcher, path, list(bundle.manifest["class_names"]), settings.threads)
+
+
+def _check_gates(bundle: Bundle, name: str, precision: str, allow: bool) -> None:
+    """Refuse a bundle whose manifest says a gate failed or never ran for the served precision."""
+    why = bundle.unchecked(precision)
+    if not why:
+        return
+    msg = f"model {name} ({bundle.path}, {precision}): {'; '.join(why)}"
+    if not allow:
+        raise BundleError(f"{msg}; refusing to serve it: re-export it where the gate can pass (an FP16 file on a "
+                          f"GPU host), or set IMGSERVE_ALLOW_UNCHECKED=1 to serve it anyway")
+    logger.warning("%s; served anyway because IMGSERVE_ALLOW_UNCHECKED=1", msg)
 
 
 def load_models(settings: Settings, executor: Executor) -> dict[str, ServedModel]:

@@ -13,6 +13,20 @@ DIGITS_RUN_FLAGS = dict(model="simple_cnn", dataset="digits", epochs=12, batch_s
                         lr=3e-3, scheduler="cosine", augment=False, seed=0, device="cpu", threads=1, progress=False)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """``@pytest.mark.gpu`` tests run wherever a CUDA device is visible (the driver's count, not
+    whether this torch build has CUDA) and are skipped, saying so, only where none is."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    from service.backends import cuda_device_count
+
+    if cuda_device_count() == 0:
+        skip = pytest.mark.skip(reason="needs a CUDA device; none is visible on this host")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def digits_run_flags() -> dict:
     """The TrainConfig fields ``trained_digits_run`` was trained with (tests cannot import conftest)."""

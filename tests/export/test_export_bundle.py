@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 import export.bundle as bundle_mod
 from export import ExportError, GateError, export_bundle
-from export.backends import ort_session
+from export.backends import cuda_available, ort_session
 from imgformat.bundle import ManifestError, load_manifest, validate_manifest, verify_files
 from training.checkpoint import build_from_checkpoint, load_checkpoint
 from training.datasets import get_dataset
@@ -34,8 +34,11 @@ def test_manifest_validates_and_hashes_match(digits_bundle, digits_checkpoint):
     assert m["preprocessing"]["normalization_in_graph"] is True
     assert m["parity"]["passed"] and m["parity"]["samples"] == 32
     assert m["parity"]["sample_source"].startswith("dataset digits"), "parity must use the checkpoint's real data"
+    # On a GPU host the gate adds onnxruntime's CUDA provider; elsewhere it says why it skipped it.
+    cuda = not any(s.startswith("onnxruntime_cuda") for s in m["parity"].get("skipped", []))
     assert {(r["backend"], r["batch_size"]) for r in m["parity"]["results"]} == \
-        {("torchscript", 1), ("torchscript", 32), ("onnxruntime_cpu", 1), ("onnxruntime_cpu", 32)}
+        {(b, n) for b in ("torchscript", "onnxruntime_cpu", *(("onnxruntime_cuda",) if cuda else ())) for n in (1, 32)}
+    assert cuda == cuda_available(), m["parity"].get("skipped")
     assert m["files"]["model.onnx"]["opset"] >= 17
     assert m["metrics"]["test_acc"] > 0.9, "fixture model should be trained"
     assert len(m["source"]["checkpoint_sha256"]) == 64 and m["name"] == "digits_simple_cnn" and m["version"] == "1"

@@ -96,7 +96,8 @@ def test_two_workers_answer_and_metrics_add_up(two_workers, images) -> None:
 
 
 def test_max_queue_is_split_between_workers(two_workers, images) -> None:
-    """A batch over a worker's share is refused at once; a batch of exactly its share is served."""
+    """A batch over a worker's share can never be served (every worker has the same share): 413 at
+    once, no Retry-After; a batch of exactly its share is served."""
     data, _ = images
 
     def batch(n: int) -> httpx.Response:
@@ -105,7 +106,7 @@ def test_max_queue_is_split_between_workers(two_workers, images) -> None:
 
     share = MAX_QUEUE // 2
     r = batch(share + 1)
-    assert r.status_code == 503 and "Retry-After" in r.headers, r.text
+    assert r.status_code == 413 and "Retry-After" not in r.headers and "IMGSERVE_MAX_QUEUE" in r.text, r.text
     assert batch(share).status_code == 200
 
 
