@@ -11,8 +11,6 @@ import shutil
 
 import pytest
 
-pytest.importorskip("locust")
-pytest.importorskip("bentoml")
 
 
 @pytest.fixture(scope="module")
