@@ -29,7 +29,7 @@ from imgformat.spec import IMAGENET_MEAN, IMAGENET_STD, make_preprocess
 from loadtests.payloads import decode_paths
 from loadtests.servectl import start_service
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")]
 
 # name -> (architecture, channels, input size, resize policy, mean, std, data: "photos" or "digits")
 MODELS = {
