@@ -10,7 +10,8 @@ each way of asking the same question, "the top 5 classes of this image" (fewer i
               ``probabilities`` with classification 5, returned as binary data
   oip-uint8   the same with UINT8 [1, H, W, C] pixels from the service's own Preprocessor
   oip-json    the file as a base64 BYTES element in plain JSON
-Before measuring, one request of each kind must answer 200 with /classify's top class. Prints
+Before measuring, one request of each kind must answer 200 with /classify's top class. ``--rounds N``
+first sends the kinds in turn, sequentially, N times (latency with the load drift shared). Prints
 ok req/s, p50/p99 and server CPU ms per request (all its processes, /proc) and saves
 oip_bench.json in --out.
 """
@@ -103,15 +104,46 @@ def check(url: str, cases: dict[str, tuple[str, bytes, dict[str, str]]]) -> None
         raise RuntimeError(f"the kinds disagree on the top class: {labels}")
 
 
+def interleaved(url: str, cases: dict[str, tuple[str, bytes, dict[str, str]]], rounds: int) -> dict[str, dict]:
+    """One request of each kind in turn, ``rounds`` times, one keep-alive connection per kind:
+    sequential latency with the machine's load drift shared equally by every kind."""
+    import http.client
+    import statistics
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conns = {k: http.client.HTTPConnection(u.hostname, u.port, timeout=60) for k in cases}
+    ms: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for kind, (path, body, env) in cases.items():
+            headers = {"Content-Type": env["CONTENT_TYPE"]}
+            if "HEADER_LENGTH" in env:
+                headers["Inference-Header-Content-Length"] = env["HEADER_LENGTH"]
+            t0 = time.perf_counter()
+            conns[kind].request("POST", path, body, headers)
+            r = conns[kind].getresponse()
+            r.read()
+            if r.status != 200:
+                raise RuntimeError(f"{kind}: HTTP {r.status}")
+            ms[kind].append((time.perf_counter() - t0) * 1e3)
+    for c in conns.values():
+        c.close()
+    return {k: {"p50_ms": round(statistics.median(v), 3), "mean_ms": round(statistics.mean(v), 3)} for k, v in ms.items()}
+
+
 def run_case(bundle: Path, image_spec: str, kinds: list[str], concs: list[int], duration_s: int, out: Path,
-             env: dict[str, str]) -> list[dict]:
+             env: dict[str, str], rounds: int = 0) -> list[dict]:
     image, filename = _image_bytes(image_spec, bundle)
     cases = {k: v for k, v in bodies(bundle, image, filename).items() if k in kinds}
     server = servectl.service_server([str(bundle)], servectl.free_port(), out / f"serve-{bundle.name}.log", env)
-    rows = []
+    rows: list[dict] = []
     with server.start():
         server.wait_ready()
         check(server.url, cases)
+        if rounds:
+            for kind, v in interleaved(server.url, cases, rounds).items():
+                log.info("interleaved %-10s p50 %7.2f ms  mean %7.2f ms", kind, v["p50_ms"], v["mean_ms"])
+                rows.append({"bundle": bundle.name, "kind": kind, "interleaved_rounds": rounds, **v})
         files = {}
         for kind, (path, body, wrk_env) in cases.items():
             files[kind] = out / f"body-{bundle.name}-{kind}.bin"
@@ -131,6 +163,7 @@ def run_case(bundle: Path, image_spec: str, kinds: list[str], concs: list[int], 
 def table(rows: list[dict]) -> str:
     lines = [f"{'bundle':<10} {'kind':<10} {'body B':>8} {'conc':>4} {'ok req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
              f"{'errors':>6} {'CPU ms/req':>10}  non-2xx"]
+    rows = [r for r in rows if "concurrency" in r]
     lines += [f"{r['bundle']:<10} {r['kind']:<10} {r['body_bytes']:>8} {r['concurrency']:>4} {r['ok_rps']:>9.1f} "
               f"{r['p50_ms'] or 0:>8.1f} {r['p99_ms'] or 0:>8.1f} {r['errors']:>6} {r['cpu_ms_per_req']:>10.2f}  {r['error_detail']}"
               for r in rows]
@@ -144,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default="multipart,oip-bytes,oip-uint8,oip-json", help="comma list of request kinds")
     ap.add_argument("--concurrency", default="1,8,32", help="comma list of wrk connections")
     ap.add_argument("--duration", type=int, default=10, help="seconds per point")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="first, this many interleaved sequential rounds (one request of each kind in turn)")
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for the server")
     ap.add_argument("--out", type=Path, default=HERE / "results" / ("oip-bench-" + time.strftime("%Y%m%d-%H%M%S")))
     a = ap.parse_args(argv)
@@ -154,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for case in a.case:
         bundle, _, image = case.partition(":")
-        rows += run_case(Path(bundle), image or "auto", a.kinds.split(","), concs, a.duration, a.out, env)
+        rows += run_case(Path(bundle), image or "auto", a.kinds.split(","), concs, a.duration, a.out, env, a.rounds)
     (a.out / "oip_bench.json").write_text(json.dumps(rows, indent=2))
     print(table(rows))
     return 0
