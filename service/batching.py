@@ -154,8 +154,8 @@ class _Base:
     def _observe(self, n: int, seconds: float) -> None:
         per = seconds / max(n, 1)
         self.per_image_s = per if self.per_image_s == 0 else 0.8 * self.per_image_s + 0.2 * per
-        metrics.BATCH_SIZE.labels(model=self.model).observe(n)
-        metrics.INFERENCE.labels(model=self.model).observe(seconds)
+        metrics.for_model(metrics.BATCH_SIZE, self.model).observe(n)
+        metrics.for_model(metrics.INFERENCE, self.model).observe(seconds)
 
     def _timed_run(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
@@ -210,7 +210,7 @@ class EagerBatcher(_Base):
             n += len(job.pixels)
         now = time.perf_counter()
         for job in jobs:
-            metrics.QUEUE.labels(model=self.model).observe(now - job.enqueued)
+            metrics.for_model(metrics.QUEUE, self.model).observe(now - job.enqueued)
         return jobs, n
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -307,5 +307,5 @@ class CorkBatcher(_Base):
     async def _infer(self, pixels: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
         out = await self._call(pixels)
-        metrics.QUEUE.labels(model=self.model).observe(max(time.perf_counter() - t0 - self.per_image_s * len(pixels), 0.0))
+        metrics.for_model(metrics.QUEUE, self.model).observe(max(time.perf_counter() - t0 - self.per_image_s * len(pixels), 0.0))
         return out

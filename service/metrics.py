@@ -4,6 +4,8 @@ Names are prefixed ``imgserve_``. Buckets are in seconds (latencies) or images (
 """
 from __future__ import annotations
 
+import functools
+
 import bentoml
 
 _LAT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -19,3 +21,10 @@ BATCH_SIZE = bentoml.metrics.Histogram(name="imgserve_batch_size", labelnames=["
                                        documentation="Images per inference call")
 ERRORS = bentoml.metrics.Counter(name="imgserve_errors", labelnames=["kind"],
                                  documentation="Refused or failed requests by kind")
+
+
+@functools.lru_cache(maxsize=1024)
+def for_model(metric: object, model: str):
+    """``metric.labels(model=model)``, looked up once: ``labels()`` takes a lock and sorts keyword
+    labels on every call, and the request path observes two of these per request."""
+    return metric.labels(model=model)

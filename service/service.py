@@ -102,8 +102,13 @@ class GuardMiddleware:
                              413)(scope, receive, send)
 
 
+# Resolved once: ``bentoml.get_current_service`` is a lazy module attribute whose every lookup goes
+# through BentoML's module ``__getattr__`` and importlib (about 40 us, once per request in the guard).
+current_service = bentoml.get_current_service
+
+
 async def _models_view(request: Request) -> Response:
-    svc = bentoml.get_current_service()
+    svc = current_service()
     return json_response(svc.describe_models())
 
 
@@ -193,7 +198,7 @@ class ImgServe:
     @staticmethod
     def _finish(model: ServedModel, img: Any, t0: float) -> np.ndarray:
         arr = model.preprocessor.finish(img)
-        metrics.PREPROCESS.labels(model=model.name).observe(time.perf_counter() - t0)
+        metrics.for_model(metrics.PREPROCESS, model.name).observe(time.perf_counter() - t0)
         return arr
 
     async def _decode(self, model: ServedModel, upload: Any) -> np.ndarray:
@@ -264,7 +269,7 @@ class ImgServe:
 def _shed_early() -> Overloaded | None:
     """The refusal when every served model would refuse one more image now, else None."""
     try:
-        models = bentoml.get_current_service().models
+        models = current_service().models
     except Exception:  # not started yet (or shutting down): let the request through
         return None
     refusal = None
