@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[2]
+from loadtests import servectl
+
 # The one writable place under a read-only root, with BentoML's home in it (as deploy/k8s/base/deployment.yaml).
 TMPFS = ("/tmp",)
 CONTAINER_ENV = {"BENTOML_HOME": "/tmp/bentoml"}
@@ -107,12 +106,8 @@ def process_start(image: str, port: int, env: dict[str, str], bundle: Path | Non
     # multiprocess directory and each /metrics would add up every replica's counters.
     env.setdefault("BENTOML_HOME", str(log_dir / f"bentoml-home-{port}"))
     log = log_dir / f"replica-{port}.log"
-    bentoml = str(Path(sys.executable).with_name("bentoml"))
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen([bentoml, "serve", "service.service:ImgServe", "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=REPO, env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    return Replica("process", str(proc.pid), port, env.get("IMGSERVE_MODELS", "bundles/default"), str(log), env)
+    server = servectl.bentoml_serve(servectl.SERVICE, port, log, env).start()  # the repository's one launcher
+    return Replica("process", str(server.pid), port, env.get("IMGSERVE_MODELS", "bundles/default"), str(log), env)
 
 
 def process_server_pid(r: Replica) -> int:
