@@ -6,7 +6,7 @@ Everything comes from the checkpoint's ``preprocess`` / the manifest's ``preproc
 
 The policies, each decided here once and applied identically to training (eval transform and
 train-time loading), export's parity/calibration samples, the service and the load tests
-(docs/FORMATS.md, "Decode policies"): EXIF orientation applied; only the first frame of an animated
+(docs/FORMATS.md, "One decode pipeline, its policies decided once"): EXIF orientation applied; only the first frame of an animated
 image; 16-bit grey keeps its high byte (as Pillow does for 16-bit colour PNGs); transparency
 composited on the preprocess dict's ``alpha_background``; big JPEGs decoded at reduced DCT scale
 (``draft``); ICC profiles ignored.
@@ -18,8 +18,8 @@ Reproducing torchvision's Resize/CenterCrop:
   pixels the crop throws away.
 - JPEGs are decoded at a reduced DCT scale (``Image.draft``) only down to at least twice the size
   the resize needs, so the bilinear/bicubic filter still averages many source pixels and the
-  result differs from a full decode by about one grey level at most. Training decodes the same
-  way, so a model learns the pixels it is served.
+  result stays within a few grey levels of a full decode (at most 4 on a 4000x3000 photo, mean
+  0.26). Training decodes the same way, so a model learns the pixels it is served.
 """
 from __future__ import annotations
 
