@@ -25,7 +25,8 @@ class Pixels:
         self.pipeline = Preprocessor.from_manifest(pre)
 
     def __call__(self, img: Image.Image) -> np.ndarray:
-        return self.pipeline.finish(img)
+        # a writable copy: the pipeline's array views PIL's buffer, which torch.from_numpy warns about
+        return np.array(self.pipeline.finish(img))
 
 
 class Decode:
