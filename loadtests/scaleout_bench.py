@@ -3,14 +3,17 @@
     flock /tmp/imgserve-bench.lock .venv/bin/python -m loadtests.scaleout_bench --bundle bundles/r18 \
         --image localhost/imgserve:cpu --concurrency 8,32,64 --duration 20
 
-Three targets, one after another, the same request (china.jpg as a multipart upload, wrk from
-loadtests.bench with keep-alive connections) at each concurrency:
+The targets run side by side (idle ones cost nothing) and are measured in turns, the same request
+(china.jpg as a multipart upload, wrk from loadtests.bench with keep-alive connections) at each
+concurrency, for --rounds rounds, the order of the targets alternating: on a shared machine a
+change of background load then hits every target alike.
   1. one `bentoml serve` process (IMGSERVE_THREADS = all cores): the baseline;
-  2. one container of the image, addressed directly (same threads): what the container costs;
-  3. N containers (IMGSERVE_THREADS = cores / N each) behind HAProxy (deploy.replicas).
+  2. N containers of the image (IMGSERVE_THREADS = cores / N each) behind HAProxy (deploy.replicas);
+  3. with --with-container: one container addressed directly (all cores): what the container costs.
 For each run: 2xx req/s, p50/p99, errors, the servers' CPU ms per request, and for HAProxy its own
-CPU ms per request (utime + stime of its process from /proc). Prints a table and the ratio of each
-target's best 2xx req/s to the single process's best; saves scaleout.json in the results folder.
+CPU ms per request (utime + stime of its process from /proc). Prints every run, each target's best
+2xx req/s and its ratio to the single process's best, and the median of the per-round ratios;
+saves scaleout.json in the results folder.
 """
 from __future__ import annotations
 
@@ -18,9 +21,11 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,6 +50,7 @@ class Target:
 @dataclass
 class Row:
     target: str
+    round: int
     concurrency: int
     ok_rps: float
     p50_ms: float | None
@@ -55,23 +61,20 @@ class Row:
     balancer_cpu_ms_per_req: float | None
 
 
-def measure(t: Target, path: str, body_env: dict[str, str], concs: list[int], duration_s: int) -> list[Row]:
+def measure(t: Target, path: str, body_env: dict[str, str], c: int, duration_s: int, rnd: int) -> Row:
+    """One wrk run at concurrency c, with the CPU counters read around it."""
     url = t.url.rstrip("/") + path
-    run_wrk(url, 8, 5, body_env)  # warm-up, not counted
-    rows = []
-    for c in concs:
-        time.sleep(SETTLE_S)
-        s0, b0 = servectl.cpu_seconds(t.server_pids()), servectl.cpu_seconds(t.balancer_pids())
-        r: WrkResult = parse_wrk(run_wrk(url, c, duration_s, body_env), c)
-        s1, b1 = servectl.cpu_seconds(t.server_pids()), servectl.cpu_seconds(t.balancer_pids())
-        n = r.requests or 1
-        row = Row(t.name, c, r.ok_rps, r.p50_ms, r.p99_ms, r.errors, r.error_detail, (s1 - s0) / n * 1e3,
-                  (b1 - b0) / n * 1e3 if t.balancer_pids() else None)
-        log.info("%-22s c=%-3d %7.1f 2xx req/s  p50 %7.1f  p99 %7.1f ms  errors %d  server CPU %.1f ms/req%s",
-                 t.name, c, row.ok_rps, row.p50_ms or 0, row.p99_ms or 0, row.errors, row.server_cpu_ms_per_req,
-                 f"  HAProxy CPU {row.balancer_cpu_ms_per_req:.3f} ms/req" if row.balancer_cpu_ms_per_req is not None else "")
-        rows.append(row)
-    return rows
+    time.sleep(SETTLE_S)
+    s0, b0 = servectl.cpu_seconds(t.server_pids()), servectl.cpu_seconds(t.balancer_pids())
+    r: WrkResult = parse_wrk(run_wrk(url, c, duration_s, body_env), c)
+    s1, b1 = servectl.cpu_seconds(t.server_pids()), servectl.cpu_seconds(t.balancer_pids())
+    n = r.requests or 1
+    row = Row(t.name, rnd, c, r.ok_rps, r.p50_ms, r.p99_ms, r.errors, r.error_detail, (s1 - s0) / n * 1e3,
+              (b1 - b0) / n * 1e3 if t.balancer_pids() else None)
+    log.info("round %d %-22s c=%-3d %7.1f 2xx req/s  p50 %7.1f  p99 %7.1f ms  errors %d  server CPU %.1f ms/req%s",
+             rnd, t.name, c, row.ok_rps, row.p50_ms or 0, row.p99_ms or 0, row.errors, row.server_cpu_ms_per_req,
+             f"  HAProxy CPU {row.balancer_cpu_ms_per_req:.3f} ms/req" if row.balancer_cpu_ms_per_req is not None else "")
+    return row
 
 
 def container_pids(cluster) -> Callable[[], list[int]]:
@@ -88,37 +91,31 @@ def container_pids(cluster) -> Callable[[], list[int]]:
     return pids
 
 
-def run_process(bundle: Path, out: Path, body_env, concs, duration) -> list[Row]:
-    port = servectl.free_port()
-    with servectl.service_server([str(bundle)], port, out / "process.log") as srv:
-        srv.start()
-        srv.wait_ready()
-        return measure(Target("1 process", srv.url, srv.pids), "/classify", body_env, concs, duration)
+def start_process(bundle: Path, out: Path, stack: ExitStack) -> Target:
+    srv = servectl.service_server([str(bundle)], servectl.free_port(), out / "process.log")
+    stack.enter_context(srv)
+    srv.start()
+    srv.wait_ready()
+    return Target("1 process", srv.url, srv.pids)
 
 
-def run_cluster(name: str, n: int, direct: bool, bundle: Path, image: str, out: Path, body_env, concs,
-                duration) -> list[Row]:
+def start_cluster(name: str, n: int, direct: bool, bundle: Path, image: str, out: Path, stack: ExitStack) -> Target:
     from deploy.replicas.cluster import Cluster
 
     c = Cluster(out / name.replace(" ", "-"), runner="podman", image=image)
-    threads = max(1, (os.cpu_count() or 1) // n)
-    try:
-        c.up(n, {"IMGSERVE_THREADS": str(threads)}, bundle, port=0)
-        if direct:  # the one replica itself, HAProxy idle
-            (r,) = c.replicas().values()
-            t = Target(name, r.url, container_pids(c))
-        else:
-            t = Target(name, c.url, container_pids(c), lambda: [c.haproxy_pid] if c.haproxy.is_ours() else [])
-        return measure(t, "/classify", body_env, concs, duration)
-    finally:
-        c.down()
+    stack.callback(c.down)
+    c.up(n, {"IMGSERVE_THREADS": str(max(1, (os.cpu_count() or 1) // n))}, bundle, port=0)
+    if direct:  # the one replica itself, HAProxy idle
+        (r,) = c.replicas().values()
+        return Target(name, r.url, container_pids(c))
+    return Target(name, c.url, container_pids(c), lambda: [c.haproxy_pid] if c.haproxy.is_ours() else [])
 
 
 def table(rows: list[Row]) -> str:
-    head = (f"| target | conc | 2xx req/s | p50 ms | p99 ms | errors | server CPU ms/req | HAProxy CPU ms/req |\n"
-            f"|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = (f"| target | round | conc | 2xx req/s | p50 ms | p99 ms | errors | server CPU ms/req | HAProxy CPU ms/req |\n"
+            f"|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     f = lambda v, s=".1f": "-" if v is None else format(v, s)
-    return "\n".join([head] + [f"| {r.target} | {r.concurrency} | {r.ok_rps:.1f} | {f(r.p50_ms)} | {f(r.p99_ms)} | "
+    return "\n".join([head] + [f"| {r.target} | {r.round} | {r.concurrency} | {r.ok_rps:.1f} | {f(r.p50_ms)} | {f(r.p99_ms)} | "
                                f"{r.errors}{' (' + r.error_detail + ')' if r.error_detail else ''} | "
                                f"{f(r.server_cpu_ms_per_req)} | {f(r.balancer_cpu_ms_per_req, '.3f')} |" for r in rows])
 
@@ -131,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="8,32,64")
     p.add_argument("--duration", type=int, default=20, help="seconds per wrk run")
     p.add_argument("--image-file", default="china", help="china, flower or a path: the uploaded photo")
-    p.add_argument("--skip-container", action="store_true", help="leave out the one-container run")
+    p.add_argument("--rounds", type=int, default=2, help="measuring rounds, target order alternating (default 2)")
+    p.add_argument("--with-container", action="store_true", help="also one container addressed directly")
     p.add_argument("--out", type=Path, default=Path("loadtests/results") / time.strftime("scaleout-%Y%m%d-%H%M%S"))
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -145,19 +143,32 @@ def main(argv: list[str] | None = None) -> int:
     concs = [int(c) for c in a.concurrency.split(",")]
     uptime = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
 
-    rows = run_process(a.bundle, a.out, body_env, concs, a.duration)
-    if not a.skip_container:
-        rows += run_cluster("1 container (direct)", 1, True, a.bundle, a.image, a.out, body_env, concs, a.duration)
-    rows += run_cluster(f"{a.replicas} replicas + HAProxy", a.replicas, False, a.bundle, a.image, a.out, body_env,
-                        concs, a.duration)
+    rows: list[Row] = []
+    with ExitStack() as stack:
+        targets = [start_process(a.bundle, a.out, stack),
+                   start_cluster(f"{a.replicas} replicas + HAProxy", a.replicas, False, a.bundle, a.image, a.out, stack)]
+        if a.with_container:
+            targets.append(start_cluster("1 container (direct)", 1, True, a.bundle, a.image, a.out, stack))
+        for t in targets:
+            run_wrk(t.url + "/classify", 8, 5, body_env)  # warm-up, not counted
+        for rnd in range(1, a.rounds + 1):
+            for c in concs:
+                for t in (targets if rnd % 2 else targets[::-1]):
+                    rows.append(measure(t, "/classify", body_env, c, a.duration, rnd))
     uptime.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
     best = {t: max(r.ok_rps for r in rows if r.target == t) for t in dict.fromkeys(r.target for r in rows)}
     base = best["1 process"] or float("nan")
+    paired = {t: statistics.median(r.ok_rps / p.ok_rps for r in rows if r.target == t
+                                   for p in rows if p.target == "1 process" and (p.round, p.concurrency) ==
+                                   (r.round, r.concurrency) and p.ok_rps)
+              for t in best if t != "1 process"}
     print(table(rows))
     print("\nbest 2xx req/s: " + "; ".join(f"{t} {v:.1f} ({v / base:.2f}x)" for t, v in best.items()))
+    print("median of the per-run ratios to the process (same round and concurrency): " +
+          "; ".join(f"{t} {v:.2f}x" for t, v in paired.items()))
     print(f"uptime before: {uptime[0]}\nuptime after:  {uptime[1]}")
-    (a.out / "scaleout.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "best": best,
+    (a.out / "scaleout.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "best": best, "paired": paired,
                                                      "uptime": uptime, "args": vars(a)}, indent=1, default=str))
     print(f"saved {a.out / 'scaleout.json'}")
     return 0
