@@ -26,6 +26,9 @@ trap 'rm -rf "$root"' EXIT
 echo "[base] debootstrap bookworm from $mirror into $root"
 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$root" "$mirror" >/dev/null
 echo "deb $PUBLIC_MIRROR bookworm main" > "$root/etc/apt/sources.list"
+# debootstrap copies this host's resolver and name; engines provide both at run time.
+: > "$root/etc/resolv.conf"
+echo localhost > "$root/etc/hostname"
 # Documentation, man pages, translations and apt's package lists are not needed to run a server.
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/usr/share/doc/* "$root"/usr/share/man/* \
        "$root"/usr/share/info/* "$root"/usr/share/locale/* "$root"/var/log/*
