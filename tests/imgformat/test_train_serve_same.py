@@ -78,3 +78,23 @@ def test_16bit_grey_keeps_its_range_in_training(files) -> None:
     x = _uint8(pre, eval_transform(pre)(Image.open(io.BytesIO(files["png16"]))))
     ref = Preprocessor.from_manifest(pre)(files["grey_png"])  # the same picture in 8 bits
     assert np.abs(x.astype(int) - ref).max() <= 2, "16-bit grey must map to the 8-bit picture (high byte), not clip"
+
+
+def test_a_training_run_loads_folder_images_as_served(tmp_path: Path) -> None:
+    """training.train's set-up wires the pipeline into the folder dataset: an EXIF-rotated photo
+    arrives upright, before any transform, and its pixels are the served ones."""
+    from training.train import TrainConfig, _prepare
+
+    base = Image.fromarray(np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (48, 1)))  # 96 x 48
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(6):
+            base.convert("RGB").save(tmp_path / cls / f"{i}.jpg", exif=exif)
+    s = _prepare(TrainConfig(model="simple_cnn", dataset="folder", data_dir=str(tmp_path), image_size=16,
+                             epochs=1, device="cpu", out=str(tmp_path / "run")))
+    img, _ = s.splits.train[0]
+    assert img.size == (48, 96), f"training loaded the photo unrotated: {img.size}"
+    served = Preprocessor.from_manifest(s.preprocess)((tmp_path / "a" / "0.jpg").read_bytes())
+    assert np.array_equal(_uint8(s.preprocess, eval_transform(s.preprocess)(img)), served)
