@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +29,19 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 BUNDLES_ENV = "IMGSERVE_MODELS"
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(exclude: Iterable[int] = ()) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now and that is not in ``exclude``.
+
+    A port handed out but not bound yet is free again for the kernel, which may hand it out twice:
+    callers that pick several ports before binding them pass the ones they already hold.
+    """
+    taken = set(exclude)
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            return port
 
 
 def _stat_fields(pid: int) -> list[str] | None:

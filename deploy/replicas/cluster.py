@@ -75,6 +75,10 @@ class Cluster:
     def replicas(self) -> dict[int, Replica]:
         return {i: Replica(**s) for i, s in enumerate(self.slots) if s}
 
+    def _ports(self) -> set[int]:
+        """Ports this cluster holds or will bind: the balancer's and every replica's."""
+        return {self.port, *(r.port for r in self.replicas().values())}
+
     # -- life cycle ------------------------------------------------------------------------------
     def up(self, n: int, env: dict[str, str], bundle: Path | None, port: int, settings: Settings | None = None) -> None:
         """Start n replicas, wait until each is ready, then HAProxy in front (one spare slot for rolls)."""
@@ -85,7 +89,7 @@ class Cluster:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            self.slots[i] = runner.start(self.image, free_port(), env, bundle, logs).to_json()
+            self.slots[i] = runner.start(self.image, free_port(self._ports()), env, bundle, logs).to_json()
             self.save()  # saved at once: `down` cleans up even if start-up fails half way
         for r in self.replicas().values():
             log.info("replica %s on port %d ready after %.1f s", r.ref[:12], r.port, wait_ready(r))
@@ -99,7 +103,7 @@ class Cluster:
         runner = get_runner(self.runner)
         hap = self.haproxy
         new = self.slots.index(None)
-        r = runner.start(self.image, free_port(), env, bundle, self.workdir / "logs")
+        r = runner.start(self.image, free_port(self._ports()), env, bundle, self.workdir / "logs")
         self.slots[new] = r.to_json()
         self.save()
         took = wait_ready(r)
