@@ -28,8 +28,6 @@ if [ -z "$DATA" ]; then
   NAME=${NAME:-default}
   train=(--model "$MODEL" --dataset fashion-mnist --epochs "${EPOCHS:-2}")
   export_extra=(--bentoml)   # the default model also goes to the BentoML store, for `bentoml build`
-  # A 28 px model costs ~0.1 ms per image: one event loop per core serves it best (docs/performance.md).
-  export IMGSERVE_WORKERS=${IMGSERVE_WORKERS:-cores}
 else
   [ -d "$DATA" ] || { echo "[serve] DATA=$DATA is not a folder (want DATA/CLASS/*.jpg|png...)" >&2; exit 2; }
   MODEL=${MODEL:-resnet18}
