@@ -203,9 +203,14 @@ def _output(model: ServedModel, o: RequestedOutput, logits: np.ndarray) -> Outpu
 
 
 # -- plumbing ------------------------------------------------------------------------------------
+# Resolved once, as in service.service: each ``bentoml.get_current_service`` attribute lookup goes
+# through BentoML's lazy module ``__getattr__``, once per request here otherwise.
+_current_service = bentoml.get_current_service
+
+
 def _service() -> Any:
     try:
-        return bentoml.get_current_service()
+        return _current_service()
     except Exception:  # not started yet
         return None
 
