@@ -19,7 +19,7 @@ from starlette.responses import Response
 import bentoml
 from service.io import ClassifyInput, ClassifyOutput, json_response
 from service.io import MAX_IMAGES
-from service.route import ClassifyRoute, FormRoute
+from service.route import FormRoute, LeanRoute
 from service.service import SERVICE_OPTIONS, SETTINGS, GuardMiddleware, tune_gc
 
 # The length of a real answer with five predictions, so both write the same bytes.
@@ -38,5 +38,5 @@ class Floor:
 
 
 Floor.add_asgi_middleware(GuardMiddleware, max_body_bytes=SETTINGS.max_body_bytes, api_key=SETTINGS.api_key)
-Floor.add_asgi_middleware(ClassifyRoute, routes={"/classify": FormRoute("classify", ClassifyInput, "image", MAX_IMAGES)},
+Floor.add_asgi_middleware(LeanRoute, routes={"/classify": FormRoute("classify", ClassifyInput, "image", MAX_IMAGES)},
                           server_header="BentoML Service/imgserve-floor")

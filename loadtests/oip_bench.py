@@ -11,7 +11,8 @@ each way of asking the same question, "the top 5 classes of this image" (fewer i
   oip-uint8   the same with UINT8 [1, H, W, C] pixels from the service's own Preprocessor
   oip-json    the file as a base64 BYTES element in plain JSON
 Before measuring, one request of each kind must answer 200 with /classify's top class. ``--rounds N``
-first sends the kinds in turn, sequentially, N times (latency with the load drift shared). Prints
+first sends the kinds in turn, sequentially, N times (latency with the load drift shared); ``--repeat R``
+measures every point R times and prints medians (a shared machine drifts by 10-20 % between points). Prints
 ok req/s, p50/p99 and server CPU ms per request (all its processes, /proc) and saves
 oip_bench.json in --out.
 """
@@ -21,6 +22,7 @@ import argparse
 import base64
 import json
 import logging
+import statistics
 import time
 import urllib.error
 import urllib.request
@@ -108,7 +110,6 @@ def interleaved(url: str, cases: dict[str, tuple[str, bytes, dict[str, str]]], r
     """One request of each kind in turn, ``rounds`` times, one keep-alive connection per kind:
     sequential latency with the machine's load drift shared equally by every kind."""
     import http.client
-    import statistics
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
@@ -132,7 +133,7 @@ def interleaved(url: str, cases: dict[str, tuple[str, bytes, dict[str, str]]], r
 
 
 def run_case(bundle: Path, image_spec: str, kinds: list[str], concs: list[int], duration_s: int, out: Path,
-             env: dict[str, str], rounds: int = 0) -> list[dict]:
+             env: dict[str, str], rounds: int = 0, repeat: int = 1) -> list[dict]:
     image, filename = _image_bytes(image_spec, bundle)
     cases = {k: v for k, v in bodies(bundle, image, filename).items() if k in kinds}
     server = servectl.service_server([str(bundle)], servectl.free_port(), out / f"serve-{bundle.name}.log", env)
@@ -150,7 +151,7 @@ def run_case(bundle: Path, image_spec: str, kinds: list[str], concs: list[int], 
             files[kind].write_bytes(body)
         # Kinds interleaved at each concurrency: a shared machine's load drifts, and the figures
         # compared with each other should be measured as close in time as possible.
-        for c in concs:
+        for c in [c for _ in range(repeat) for c in concs]:
             for kind, (path, body, wrk_env) in cases.items():
                 (r,) = measure_server(server, path, {**wrk_env, "BODY_FILE": str(files[kind])}, [c], duration_s)
                 rows.append({"bundle": bundle.name, "image": image_spec, "image_bytes": len(image), "kind": kind,
@@ -158,6 +159,22 @@ def run_case(bundle: Path, image_spec: str, kinds: list[str], concs: list[int], 
                              "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors, "error_detail": r.error_detail,
                              "cpu_ms_per_req": round(r.cpu_ms_per_req or 0, 2)})
     return rows
+
+
+def medians(rows: list[dict]) -> list[dict]:
+    """One row per (bundle, kind, concurrency): the median of each figure over the repeats, errors summed."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "concurrency" in r:
+            groups.setdefault((r["bundle"], r["kind"], r["concurrency"]), []).append(r)
+    out = []
+    for g in groups.values():
+        m = {**g[0], "repeats": len(g), "errors": sum(r["errors"] for r in g),
+             "error_detail": "; ".join(str(r["error_detail"]) for r in g if r["error_detail"])}
+        for key in ("ok_rps", "p50_ms", "p99_ms", "cpu_ms_per_req"):
+            m[key] = statistics.median(r[key] or 0 for r in g)
+        out.append(m)
+    return out
 
 
 def table(rows: list[dict]) -> str:
@@ -179,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=int, default=10, help="seconds per point")
     ap.add_argument("--rounds", type=int, default=0,
                     help="first, this many interleaved sequential rounds (one request of each kind in turn)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure every concurrency this many times (all kinds each time); the table shows medians")
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for the server")
     ap.add_argument("--out", type=Path, default=HERE / "results" / ("oip-bench-" + time.strftime("%Y%m%d-%H%M%S")))
     a = ap.parse_args(argv)
@@ -189,9 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for case in a.case:
         bundle, _, image = case.partition(":")
-        rows += run_case(Path(bundle), image or "auto", a.kinds.split(","), concs, a.duration, a.out, env, a.rounds)
+        rows += run_case(Path(bundle), image or "auto", a.kinds.split(","), concs, a.duration, a.out, env, a.rounds,
+                         a.repeat)
     (a.out / "oip_bench.json").write_text(json.dumps(rows, indent=2))
-    print(table(rows))
+    print(table(medians(rows)) if a.repeat > 1 else table(rows))
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import logging
 import os
 import re
@@ -22,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from loadtests import bench, servectl
-from loadtests.payloads import multipart
+from loadtests import bench, oip_bench, servectl
+
+KINDS = ("multipart", "oip-bytes", "oip-uint8", "oip-json")
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", type=Path, default=Path("bundles/default"))
     ap.add_argument("--image", default="auto", help="as loadtests.bench --image")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
+    ap.add_argument("--kind", default="multipart", choices=KINDS,
+                    help="how to ask: multipart /classify or an Open Inference Protocol body (loadtests.oip_bench)")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--seconds", type=int, default=15)
     ap.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
@@ -115,23 +117,21 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or bench.HERE / "results" / ("profile-" + time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     image, fname = bench._image_bytes(a.image, a.bundle)
-    n_classes = json.loads((a.bundle / "manifest.json").read_text())["num_classes"]
-    body, ctype = multipart({"top_k": str(min(5, n_classes))},
-                            [("image", (fname, image, "image/jpeg" if fname.endswith(".jpg") else "image/png"))])
+    path, body, env = oip_bench.bodies(a.bundle, image, fname)[a.kind]
     (out / "body.bin").write_bytes(body)
-    body_env = {"BODY_FILE": str(out / "body.bin"), "CONTENT_TYPE": ctype, "API_KEY": os.environ.get("IMGSERVE_API_KEY", "")}
+    body_env = {"BODY_FILE": str(out / "body.bin"), **env, "API_KEY": os.environ.get("IMGSERVE_API_KEY", "")}
     extra = {"IMGSERVE_PRECISION": a.precision, **dict(kv.split("=", 1) for kv in a.env)}
     server = servectl.service_server([str(a.bundle)], servectl.free_port(), out / "server.log", extra)
     with server.start():
         server.wait_ready()
-        bench.run_wrk(server.url + "/classify", 8, 5, body_env)   # warm-up
+        bench.run_wrk(server.url + path, 8, 5, body_env)   # warm-up
         spies = []
         for pid in server.pids():
             f = out / f"pyspy.{pid}.txt"
             cmd = [spy, "record", "--format", "raw", "-r", str(a.rate), "-d", str(a.seconds), "--nonblocking",
                    "-o", str(f), "-p", str(pid)]
             spies.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), f))
-        wrk_out = bench.run_wrk(server.url + "/classify", a.concurrency, a.seconds + 2, body_env)
+        wrk_out = bench.run_wrk(server.url + path, a.concurrency, a.seconds + 2, body_env)
         for p, _ in spies:
             try:
                 p.wait(timeout=a.seconds + 30)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.kill()
     r = bench.parse_wrk(wrk_out, a.concurrency)
     stages, leaves, total, layers = aggregate([f for _, f in spies if f.exists()])
-    lines = [f"{a.bundle.name} {a.precision}, {fname}, c={a.concurrency}: {r.ok_rps:.1f} ok req/s, p50 {r.p50_ms} ms",
+    lines = [f"{a.bundle.name} {a.precision}, {a.kind}, {fname}, c={a.concurrency}: {r.ok_rps:.1f} ok req/s, p50 {r.p50_ms} ms",
              f"py-spy: {total} samples of non-idle Python threads ({a.rate}/s, {a.seconds} s, all service processes)", ""]
     lines += [f"  {name:<22} {n / max(total, 1):6.1%}" for name, n in stages.most_common()]
     lines += ["", "by layer (innermost matching frame):"]

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import bentoml
-from imgformat.preprocess import ImageError
+from imgformat.preprocess import ImageError, stack
 from service import metrics
 from service.errors import Refused
 from service.io import TOO_LARGE_KEY, Upload, error_response, json_response
@@ -70,11 +70,11 @@ async def ready(request: Request) -> Response:
 
 
 async def model_ready(request: Request) -> Response:
-    return _guarded(lambda svc: json_response({"name": _resolve(svc, request).name, "ready": True}))
+    return _guarded(lambda svc: json_response({"name": _resolve(svc, **request.path_params).name, "ready": True}))
 
 
 async def model_metadata(request: Request) -> Response:
-    return _guarded(lambda svc: json_response(metadata(_resolve(svc, request))))
+    return _guarded(lambda svc: json_response(metadata(_resolve(svc, **request.path_params))))
 
 
 def metadata(m: ServedModel) -> dict[str, Any]:
@@ -85,7 +85,7 @@ def metadata(m: ServedModel) -> dict[str, Any]:
 
 
 async def model_config(request: Request) -> Response:
-    return _guarded(lambda svc: json_response(config(_resolve(svc, request))))
+    return _guarded(lambda svc: json_response(config(_resolve(svc, **request.path_params))))
 
 
 def config(m: ServedModel) -> dict[str, Any]:
@@ -107,16 +107,31 @@ def _input_name(m: ServedModel) -> str:
 
 # -- inference -----------------------------------------------------------------------------------
 async def infer(request: Request) -> Response:
+    """The Starlette route; POST normally arrives at ``answer_infer`` through the lean route
+    (service/route.py) without Starlette's router and ``Request`` in between."""
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        if not request.scope.get(TOO_LARGE_KEY):
+            raise
+        body = None
+    return await answer_infer(request.scope, body, **request.path_params)
+
+
+async def answer_infer(scope: dict, body: bytes | None, name: str, version: str | None = None) -> Response:
+    """POST .../infer: ``body`` is None when the guard cut off a chunked body over the size limit."""
     svc = _service()
     if svc is None:
         return error_response("the service is starting; retry shortly", 503, retry_after=1)
 
     async def run() -> Response:
-        body = await _body(request)
+        if body is None:
+            raise Refused(f"request body is over the limit of {scope[TOO_LARGE_KEY]} bytes "
+                          "(IMGSERVE_MAX_BODY_BYTES)", 413, "body_too_large")
         # No await between resolving the model and admission: a version switch never lands between
         # the two, so this request runs wholly on one version.
-        model = _resolve(svc, request)
-        req = parse_request(body, request.headers.get(HEADER_LENGTH), raw_input=_input_name(model))
+        model = _resolve(svc, name, version)
+        req = parse_request(body, _header(scope, _HEADER_LENGTH_KEY), raw_input=_input_name(model))
         tensor, n = _one_input(model, req, svc.settings.max_images)
         outputs = _requested(model, req)
         with model.batcher.admitted(n):
@@ -125,20 +140,18 @@ async def infer(request: Request) -> Response:
         head = {"model_name": model.name, "model_version": model.version}
         if req.id is not None:
             head["id"] = req.id
-        body, headers = encode_response(head, [_output(model, o, logits) for o in outputs])
-        return Response(body, headers=headers)
+        out, headers = encode_response(head, [_output(model, o, logits) for o in outputs])
+        return Response(out, headers=headers)
 
     return await svc._answer(run())
 
 
-async def _body(request: Request) -> bytes:
-    try:
-        return await request.body()
-    except ClientDisconnect:
-        if request.scope.get(TOO_LARGE_KEY):  # the guard ended a chunked body that grew too big
-            raise Refused(f"request body is over the limit of {request.scope[TOO_LARGE_KEY]} bytes "
-                          "(IMGSERVE_MAX_BODY_BYTES)", 413, "body_too_large") from None
-        raise
+_HEADER_LENGTH_KEY = HEADER_LENGTH.encode()
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    """One request header (lower-case ``name``) from the ASGI scope, as Starlette decodes it."""
+    return next((v.decode("latin-1") for k, v in scope["headers"] if k == name), None)
 
 
 def _one_input(model: ServedModel, req: InferRequest, max_images: int) -> tuple[InputTensor, int]:
@@ -187,7 +200,7 @@ async def _pixels(svc: Any, model: ServedModel, t: InputTensor) -> np.ndarray:
             arrays.append(await svc._decode(model, Upload(f"element {i}", None, data)))
         except ImageError as e:
             raise Refused(f"input {t.name!r} element {i}: {e}", e.status, e.kind) from None
-    return np.stack(arrays)
+    return stack(arrays)
 
 
 def _output(model: ServedModel, o: RequestedOutput, logits: np.ndarray) -> OutputTensor:
@@ -196,9 +209,10 @@ def _output(model: ServedModel, o: RequestedOutput, logits: np.ndarray) -> Outpu
         return OutputTensor(o.name, "FP32", values.shape, values.astype(np.float32, copy=False), o.binary)
     k = o.classification
     idx = np.argsort(-values, axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(values, idx, axis=1).tolist()  # Python floats: no numpy scalar per element
     names = model.class_names
     # repr of the float64 value: the score of "probabilities" is bit-for-bit /classify's score.
-    rows = [f"{float(values[r, i])!r}:{i}:{names[i]}".encode() for r in range(len(values)) for i in idx[r]]
+    rows = [f"{s!r}:{i}:{names[i]}".encode() for srow, irow in zip(scores, idx.tolist()) for s, i in zip(srow, irow)]
     return OutputTensor(o.name, "BYTES", (len(values), k), rows, o.binary)
 
 
@@ -215,13 +229,11 @@ def _service() -> Any:
         return None
 
 
-def _resolve(svc: Any, request: Request) -> ServedModel:
+def _resolve(svc: Any, name: str, version: str | None = None) -> ServedModel:
     """The model (and version, when the path names one) of the request; 404 otherwise."""
-    name = request.path_params["name"]
     if name not in svc.models:
         raise Refused(f"unknown model {name!r}; served models: {', '.join(svc.models) or 'none'}", 404, "unknown_model")
     m = svc.models[name]
-    version = request.path_params.get("version")
     if version is not None and version != m.version:
         raise Refused(f"model {name!r} version {version!r} is not served; served version: {m.version!r}", 404,
                       "unknown_version")
@@ -237,6 +249,10 @@ def _guarded(fn: Callable[[Any], Response]) -> Response:
     except Refused as e:
         metrics.ERRORS.labels(kind=e.kind).inc()
         return error_response(str(e), e.status)
+
+
+# The POST .../infer paths, for the lean route: Starlette's ``{name}`` matches one path segment.
+INFER_PATH = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer"
 
 
 def _model_routes(prefix: str) -> list[Route]:

@@ -1,4 +1,4 @@
-"""The lean request path: POST /classify and /classify_batch served by a raw ASGI route.
+"""The lean request path: POST /classify, /classify_batch and OIP infer served by a raw ASGI route.
 
 Added to the service with ``add_asgi_middleware`` after the guard, so it runs inside BentoML's
 request metrics, tracing filter, timeout and the guard (API key, body limit, early shedding), and
@@ -8,13 +8,16 @@ validates, answers the error table and counts the metrics as before. What it ski
 per-request machinery between the guard and that function: the request context, Starlette's
 router and exception layers, and ``api_endpoint`` (serde lookup, ``Request`` objects, the bound
 API method rebuilt with ``inspect.signature`` for every call, background tasks); docs/performance.md
-has the profile and the figures. The ``@bentoml.api`` declarations stay: they make the OpenAPI
+has the profile and the figures. Open Inference Protocol ``POST /v2/models/{name}[/versions/{v}]/infer``
+takes the same path to ``service.oip.answer_infer`` (its Starlette route stays for other methods).
+The ``@bentoml.api`` declarations stay: they make the OpenAPI
 schema, Swagger UI and ``bentoml.SyncHTTPClient`` work unchanged; every other path and method
 (GET /classify -> 405, /metrics, /models, health probes) goes on to BentoML.
 """
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Awaitable, Callable
 
 import bentoml
@@ -23,6 +26,7 @@ from service.io import TOO_LARGE_KEY, form_fields, json_response
 logger = logging.getLogger(__name__)
 
 Handler = Callable[..., Awaitable[Any]]
+Answer = Callable[..., Awaitable[Any]]  # (scope, body, **path groups) -> Response
 
 
 class FormRoute:
@@ -32,6 +36,12 @@ class FormRoute:
         self.api, self.input_cls, self.file_field, self.max_files = api, input_cls, file_field, max_files
         # Absent fields take the declared defaults, as ``model_construct`` fills them for BentoML.
         self.defaults = {k: f.default for k, f in input_cls.model_fields.items() if k != file_field}
+        self._handler: Handler | None = None
+
+    async def __call__(self, scope: dict, body: bytes | None) -> Any:
+        if self._handler is None:  # the service instance exists only once the worker has started
+            self._handler = self.handler(bentoml.get_current_service())
+        return await self._handler(**self.kwargs(scope, body))
 
     def handler(self, service: Any) -> Handler:
         """The undecorated API function bound to the service instance (``APIMethod.func``)."""
@@ -44,35 +54,47 @@ class FormRoute:
         return {**self.defaults, **form_fields(ctype, body, scope, self.input_cls, self.file_field, self.max_files)}
 
 
-class ClassifyRoute:
-    """ASGI: serves the POST routes in ``routes`` itself, passes everything else to ``app``."""
+class LeanRoute:
+    """ASGI: answers the POST routes it knows itself, passes everything else to ``app``.
 
-    def __init__(self, app: Any, routes: dict[str, FormRoute], server_header: str) -> None:
+    ``routes`` maps exact paths to answers; ``patterns`` maps path regexes to answers that take the
+    regex's named groups as keyword arguments (``/v2/models/{name}/infer``). An answer is
+    ``async (scope, body, **groups) -> Response``; ``body`` is None when the guard cut off a
+    chunked body over the size limit (``scope[TOO_LARGE_KEY]`` says so), and the answer says 413.
+    """
+
+    def __init__(self, app: Any, routes: dict[str, Answer], server_header: str,
+                 patterns: dict[str, Answer] | None = None) -> None:
         self.app = app
         self.routes = routes
+        self.patterns = [(re.compile(rx), answer) for rx, answer in (patterns or {}).items()]
         self.server = server_header.encode("latin-1")
-        self._handlers: dict[str, Handler] = {}
+
+    def _match(self, path: str) -> tuple[Answer, dict[str, str]] | None:
+        answer = self.routes.get(path)
+        if answer is not None:
+            return answer, {}
+        for rx, answer in self.patterns:
+            m = rx.fullmatch(path)
+            if m is not None:
+                return answer, m.groupdict()
+        return None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        route = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if route is None:
+        found = self._match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if found is None:
             return await self.app(scope, receive, send)
+        answer, groups = found
         body = await _read_body(receive)
         if body is None and not scope.get(TOO_LARGE_KEY):
             return  # the client went away: nobody to answer
         try:
-            response = await self._handler(route)(**route.kwargs(scope, body))
+            response = await answer(scope, body, **groups)
         except Exception:  # as BentoML does for an API that raises: log it, answer a bare 500
             logger.exception("%s %s failed", scope["method"], scope["path"])
             response = json_response({"error": "An unexpected error has occurred, please check the server log."}, 500)
         response.raw_headers.append((b"server", self.server))
         await response(scope, receive, send)
-
-    def _handler(self, route: FormRoute) -> Handler:
-        h = self._handlers.get(route.api)
-        if h is None:  # the service instance exists only once the worker has started
-            h = self._handlers[route.api] = route.handler(bentoml.get_current_service())
-        return h
 
 
 async def _read_body(receive: Any) -> bytes | None:

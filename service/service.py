@@ -36,7 +36,7 @@ from service.io import (MAX_IMAGES, TOO_LARGE_KEY, BadField, ClassifyBatchInput,
                         ClassifyOutput, error_response, json_response)
 from service.models import ServedModel, load_models, top_k
 from service.pages import PagesMiddleware
-from service.route import ClassifyRoute, FormRoute
+from service.route import FormRoute, LeanRoute
 
 logger = logging.getLogger(__name__)
 
@@ -309,11 +309,12 @@ def _stop_supervisor(reason: str) -> None:
         os.kill(ppid, signal.SIGTERM)
 
 
-# The form APIs' lean path (service/route.py), inside the guard: the same functions, without
-# BentoML's per-request machinery around them.
+# The lean path (service/route.py), inside the guard: the form APIs' own functions and OIP inference,
+# without BentoML's per-request machinery around them.
 FORM_ROUTES = {"/classify": FormRoute("classify", ClassifyInput, "image", MAX_IMAGES),
                "/classify_batch": FormRoute("classify_batch", ClassifyBatchInput, "images", MAX_IMAGES)}
+OIP_ROUTES = {oip.INFER_PATH: oip.answer_infer}
 
 ImgServe.add_asgi_middleware(GuardMiddleware, max_body_bytes=SETTINGS.max_body_bytes, api_key=SETTINGS.api_key)
-ImgServe.add_asgi_middleware(ClassifyRoute, routes=FORM_ROUTES, server_header="BentoML Service/imgserve")
+ImgServe.add_asgi_middleware(LeanRoute, routes=FORM_ROUTES, patterns=OIP_ROUTES, server_header="BentoML Service/imgserve")
 ImgServe.add_asgi_middleware(PagesMiddleware)  # / and /demo (BentoML's / loads a tracker from the internet)

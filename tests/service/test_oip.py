@@ -231,6 +231,12 @@ def test_not_found_and_body_limit(server, files):
     big = b"x" * 3_100_000  # MAIN_ENV's body limit is 3 MB
     r = httpx.post(server.url + "/v2/models/digits/infer", content=big, headers={"Inference-Header-Content-Length": "0"})
     assert r.status_code == 413, r.text
+    # Chunked (no Content-Length): the guard cuts the stream off at the limit, the lean route says 413.
+    r = httpx.post(server.url + "/v2/models/digits/infer", content=iter([big[:1_000_000]] * 4),
+                   headers={"Inference-Header-Content-Length": "0"})
+    assert r.status_code == 413 and "IMGSERVE_MAX_BODY_BYTES" in r.json()["error"], r.text
+    # Only POST infers; other methods reach the Starlette route and get its 405.
+    assert httpx.get(server.url + "/v2/models/digits/infer").status_code == 405
 
 
 def test_repository_off_by_default(client, server):
