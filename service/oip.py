@@ -209,10 +209,12 @@ def _output(model: ServedModel, o: RequestedOutput, logits: np.ndarray) -> Outpu
         return OutputTensor(o.name, "FP32", values.shape, values.astype(np.float32, copy=False), o.binary)
     k = o.classification
     idx = np.argsort(-values, axis=1, kind="stable")[:, :k]
-    scores = np.take_along_axis(values, idx, axis=1).tolist()  # Python floats: no numpy scalar per element
     names = model.class_names
-    # repr of the float64 value: the score of "probabilities" is bit-for-bit /classify's score.
-    rows = [f"{s!r}:{i}:{names[i]}".encode() for srow, irow in zip(scores, idx.tolist()) for s, i in zip(srow, irow)]
+    rows = []
+    for vrow, irow in zip(values, idx.tolist()):
+        # Python floats (no numpy scalar per element); repr of the float64 value: the score of
+        # "probabilities" is bit-for-bit /classify's score.
+        rows += [f"{s!r}:{i}:{names[i]}".encode() for s, i in zip(vrow[irow].tolist(), irow)]
     return OutputTensor(o.name, "BYTES", (len(values), k), rows, o.binary)
 
 
