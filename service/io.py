@@ -214,6 +214,11 @@ class ClassifyBatchOutput(bentoml.IODescriptor):
     results: list[dict]
 
 
+def header(scope: dict, name: bytes) -> str | None:
+    """One request header (lower-case ``name``) from an ASGI scope, decoded as Starlette does."""
+    return next((v.decode("latin-1") for k, v in scope["headers"] if k == name), None)
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A raw starlette Response: skips BentoML's output-schema work (~1 ms per response here)."""
     return Response(json.dumps(body, separators=(",", ":")).encode(), status_code=status,

@@ -23,13 +23,14 @@ import bentoml
 from imgformat.preprocess import ImageError, stack
 from service import metrics
 from service.errors import Refused
-from service.io import TOO_LARGE_KEY, Upload, error_response, json_response
+from service.io import TOO_LARGE_KEY, Upload, error_response, header, json_response
 from service.models import ServedModel, softmax
 from service.oip_tensors import (HEADER_LENGTH, InferRequest, InputTensor, OutputTensor, RequestedOutput,
                                  encode_response, parse_request)
 
 SERVER_NAME = "imgserve"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
+_HEADER_LENGTH_KEY = HEADER_LENGTH.encode()  # as ASGI scope headers hold it
 _PLATFORMS = {"onnx": "onnx_onnxv1", "torchscript": "pytorch_torchscript"}  # OIP's platform names
 
 
@@ -131,7 +132,7 @@ async def answer_infer(scope: dict, body: bytes | None, name: str, version: str 
         # No await between resolving the model and admission: a version switch never lands between
         # the two, so this request runs wholly on one version.
         model = _resolve(svc, name, version)
-        req = parse_request(body, _header(scope, _HEADER_LENGTH_KEY), raw_input=_input_name(model))
+        req = parse_request(body, header(scope, _HEADER_LENGTH_KEY), raw_input=_input_name(model))
         tensor, n = _one_input(model, req, svc.settings.max_images)
         outputs = _requested(model, req)
         with model.batcher.admitted(n):
@@ -144,14 +145,6 @@ async def answer_infer(scope: dict, body: bytes | None, name: str, version: str 
         return Response(out, headers=headers)
 
     return await svc._answer(run())
-
-
-_HEADER_LENGTH_KEY = HEADER_LENGTH.encode()
-
-
-def _header(scope: dict, name: bytes) -> str | None:
-    """One request header (lower-case ``name``) from the ASGI scope, as Starlette decodes it."""
-    return next((v.decode("latin-1") for k, v in scope["headers"] if k == name), None)
 
 
 def _one_input(model: ServedModel, req: InferRequest, max_images: int) -> tuple[InputTensor, int]:

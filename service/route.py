@@ -21,12 +21,11 @@ import re
 from typing import Any, Awaitable, Callable
 
 import bentoml
-from service.io import TOO_LARGE_KEY, form_fields, json_response
+from service.io import TOO_LARGE_KEY, form_fields, header, json_response
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[..., Awaitable[Any]]
-Answer = Callable[..., Awaitable[Any]]  # (scope, body, **path groups) -> Response
+Handler = Callable[..., Awaitable[Any]]  # an API function, or a route's answer: (scope, body, **path groups)
 
 
 class FormRoute:
@@ -50,7 +49,7 @@ class FormRoute:
         return func.__get__(service)
 
     def kwargs(self, scope: dict, body: bytes | None) -> dict[str, Any]:
-        ctype = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-type"), "")
+        ctype = header(scope, b"content-type") or ""
         return {**self.defaults, **form_fields(ctype, body, scope, self.input_cls, self.file_field, self.max_files)}
 
 
@@ -63,14 +62,14 @@ class LeanRoute:
     chunked body over the size limit (``scope[TOO_LARGE_KEY]`` says so), and the answer says 413.
     """
 
-    def __init__(self, app: Any, routes: dict[str, Answer], server_header: str,
-                 patterns: dict[str, Answer] | None = None) -> None:
+    def __init__(self, app: Any, routes: dict[str, Handler], server_header: str,
+                 patterns: dict[str, Handler] | None = None) -> None:
         self.app = app
         self.routes = routes
         self.patterns = [(re.compile(rx), answer) for rx, answer in (patterns or {}).items()]
         self.server = server_header.encode("latin-1")
 
-    def _match(self, path: str) -> tuple[Answer, dict[str, str]] | None:
+    def _match(self, path: str) -> tuple[Handler, dict[str, str]] | None:
         answer = self.routes.get(path)
         if answer is not None:
             return answer, {}
