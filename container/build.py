@@ -85,7 +85,7 @@ def import_bundle(bundle: Path, name: str) -> str:
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from export.store import import_to_bentoml
+    from imgformat.store import import_to_bentoml
     from imgformat.bundle import load_manifest
 
     manifest = load_manifest(bundle)

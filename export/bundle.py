@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from export.backends import cuda_available, ort_backend, torch_backend
+from export.errors import ExportError, GateError
 from export.onnx_export import DEFAULT_OPSET, export_onnx, export_torchscript
 from export.parity import Tolerances, format_table, parity_gate
 from export.samples import SamplesError, resolve_samples
@@ -30,18 +31,6 @@ import imgformat.bundle as mf
 from imgformat.constants import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, NAME_RE
 
 log = logging.getLogger(__name__)
-
-
-class ExportError(ValueError):
-    """Bad input (checkpoint, output directory, options): one line, CLI exit status 2."""
-
-
-class GateError(RuntimeError):
-    """A gate failed (parity or INT8 accuracy): no bundle written, CLI exit status 1."""
-
-    def __init__(self, message: str, report: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass
@@ -279,8 +268,11 @@ def export_bundle(checkpoint: str | os.PathLike, out: str | os.PathLike, options
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("bundle written to %s", out)
     if opts.bentoml:
-        from export.store import import_to_bentoml
+        from imgformat.store import StoreError, import_to_bentoml
 
-        tag = import_to_bentoml(out, replace=opts.force)
+        try:
+            tag = import_to_bentoml(out, replace=opts.force)
+        except StoreError as e:
+            raise ExportError(str(e)) from None
         echo(f"BentoML model store: {tag}")
     return out

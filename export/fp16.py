@@ -17,6 +17,7 @@ import torch
 
 import imgformat.bundle as mf
 from export.backends import cuda_available, ort_backend, torch_backend
+from export.errors import GateError
 from export.onnx_export import export_onnx
 from export.parity import Tolerances, format_table, parity_gate
 from export.samples import resolve_samples
@@ -30,8 +31,6 @@ FP16_TOLERANCES = Tolerances(atol=2e-2, rtol=2e-2, min_top1_agreement=0.98)
 def export_fp16(ckpt: dict[str, Any], model: torch.nn.Module, tmp: Path, opts: Any,
                 echo: Callable[[str], None]) -> tuple[dict, dict]:
     """Write ``model.fp16.onnx``; gate it on CUDA when present. Returns (files entries, ``fp16`` report)."""
-    from export.bundle import GateError
-
     half = wrap_model(copy.deepcopy(model), ckpt["preprocess"], dtype=torch.float16)
     size, c = ckpt["preprocess"]["input_size"], ckpt["preprocess"]["channels"]
     example = torch.zeros(2, size, size, c, dtype=torch.uint8)

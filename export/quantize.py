@@ -16,6 +16,7 @@ import onnx
 
 import imgformat.bundle as mf
 from export.backends import ort_session
+from export.errors import ExportError, GateError
 from export.parity import run_batched
 from export.samples import SamplesError, resolve_samples
 
@@ -98,8 +99,6 @@ def quantize_bundle(ckpt: dict[str, Any], tmp: Path, opts: Any, echo: Callable[[
     Returns (files entries, the manifest's ``int8`` report); raises GateError when INT8 loses more
     than ``opts.int8_max_drop`` points of top-1 accuracy.
     """
-    from export.bundle import ExportError, GateError
-
     try:
         calib = resolve_samples(ckpt, opts.calib_samples, split="train", samples_dir=opts.samples_dir,
                                 data_dir=opts.data_dir, part="calib", allow_random=False, seed=opts.seed)

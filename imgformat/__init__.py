@@ -8,4 +8,5 @@ service must never load torch, onnx or the training package.
 - ``imgformat.spec``: build and check a checkpoint's ``preprocess`` dict (``make_preprocess``).
 - ``imgformat.bundle``: read, validate and verify a bundle directory (``load_bundle``, ``Bundle``).
 - ``imgformat.preprocess``: upload bytes / PIL image -> uint8 pixels (``Preprocessor``, ``ImageError``).
+- ``imgformat.store``: a bundle imported into the BentoML model store (``import_to_bentoml``).
 """

@@ -29,7 +29,7 @@ def test_flavours_change_only_what_they_declare() -> None:
 
 def test_gpu_bento_dockerfile(default_bundle: Path, tmp_path: Path) -> None:
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "true"}
-    subprocess.run([sys.executable, "-c", "from export.store import import_to_bentoml; "
+    subprocess.run([sys.executable, "-c", "from imgformat.store import import_to_bentoml; "
                     f"import_to_bentoml({str(default_bundle)!r})"], cwd=ROOT, env=env, check=True, timeout=120)
     bentofile = flavour_bentofile(get_flavour("gpu"), BENTOFILE, WORK)
     out = subprocess.run([str(BENTOML), "build", "-f", str(bentofile.relative_to(ROOT)), "-o", "tag", "."], cwd=ROOT,

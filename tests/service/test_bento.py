@@ -25,7 +25,7 @@ def test_bento_build(bundle: Path, tmp_path: Path) -> None:
     manifest["name"] = "default"  # manifest.json itself is not hashed; the model files are
     (src / "manifest.json").write_text(json.dumps(manifest))
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "true"}
-    subprocess.run([sys.executable, "-c", f"from export.store import import_to_bentoml; import_to_bentoml({str(src)!r})"],
+    subprocess.run([sys.executable, "-c", f"from imgformat.store import import_to_bentoml; import_to_bentoml({str(src)!r})"],
                    cwd=ROOT, env=env, check=True, timeout=120)
     out = subprocess.run([str(BENTOML), "build", "-o", "tag"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
@@ -65,7 +65,7 @@ def test_serving_from_the_model_store(bundle: Path, tmp_path: Path) -> None:
     """IMGSERVE_MODELS=store:TAG loads a bundle imported into the BentoML model store (hash-checked)."""
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "true",
            "IMGSERVE_MODELS": "store:digits:latest,named=store:digits:1"}
-    code = (f"from export.store import import_to_bentoml; import_to_bentoml({str(bundle)!r})\n"
+    code = (f"from imgformat.store import import_to_bentoml; import_to_bentoml({str(bundle)!r})\n"
             "from concurrent.futures import ThreadPoolExecutor\n"
             "from service.config import load_settings\nfrom service.models import load_models\n"
             "ms = load_models(load_settings(), ThreadPoolExecutor(1))\n"

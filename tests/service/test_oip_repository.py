@@ -105,7 +105,7 @@ def test_load_from_the_bentoml_model_store(client, repo_server, bundle_v2, image
     import sys
 
     home = repo_server.env["BENTOML_HOME"]
-    code = f"from export.store import import_to_bentoml; print(import_to_bentoml({str(bundle_v2)!r}))"
+    code = f"from imgformat.store import import_to_bentoml; print(import_to_bentoml({str(bundle_v2)!r}))"
     tag = subprocess.run([sys.executable, "-c", code], env={**os.environ, "BENTOML_HOME": home}, check=True,
                          capture_output=True, text=True, timeout=120).stdout.split()[-1]
     assert tag == "digits:2"

@@ -1,4 +1,6 @@
-"""``--bentoml``: import a finished bundle into the local BentoML model store.
+"""The bundle's second home: a finished bundle imported into the local BentoML model store.
+
+Written by ``python -m export ... --bentoml`` and by ``make image`` (container/), read by the service.
 
 The model's directory receives the bundle files unchanged (manifest.json included), so the service
 can ``bentoml.models.get("NAME:VERSION").path`` and load it like any bundle directory. The store
@@ -15,6 +17,10 @@ from typing import Any
 from imgformat.bundle import MANIFEST_NAME, load_manifest, verify_files
 
 log = logging.getLogger(__name__)
+
+
+class StoreError(ValueError):
+    """The store already holds this name:version and replacing it was not asked for."""
 
 
 def store_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -49,8 +55,6 @@ def import_to_bentoml(bundle_dir: str | os.PathLike, *, replace: bool = False) -
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from export.bundle import ExportError
-
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir)
     verify_files(bundle_dir, manifest)
@@ -58,7 +62,7 @@ def import_to_bentoml(bundle_dir: str | os.PathLike, *, replace: bool = False) -
     try:
         bentoml.models.get(tag)
         if not replace:
-            raise ExportError(f"BentoML model {tag} already exists: pass --version or --force to replace it")
+            raise StoreError(f"BentoML model {tag} already exists: pass --version or --force to replace it")
         bentoml.models.delete(tag)
     except NotFound:
         pass
