@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadtests import bench, servectl
+from loadtests import bench
+from service import launcher
 from loadtests.payloads import multipart
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,8 @@ def parse_variant(spec: str) -> Variant:
 
 def run_round(v: Variant, bundle: Path, body_env: dict[str, str], concs: list[int], secs: int, out: Path,
               rnd: int) -> None:
-    port = servectl.free_port()
-    server = servectl.service_server([str(bundle)], port, out / f"{v.name}.{rnd}.log",
+    port = launcher.free_port()
+    server = launcher.service_server([str(bundle)], port, out / f"{v.name}.{rnd}.log",
                                      {"PYTHONPATH": str(v.repo), **v.env})
     server.cwd = v.repo
     with server.start():
@@ -59,7 +60,7 @@ def run_round(v: Variant, bundle: Path, body_env: dict[str, str], concs: list[in
             v.results.setdefault(r.concurrency, []).append(r)
         pids = [p for p in server.pids() if b"_bentoml_impl.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
         v.procs = len(pids)
-        v.rss_mib += [servectl.rss_mib([p]) for p in pids]
+        v.rss_mib += [launcher.rss_mib([p]) for p in pids]
 
 
 def table(variants: list[Variant], concs: list[int]) -> str:

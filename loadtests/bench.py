@@ -41,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtests import servectl
 from loadtests.payloads import multipart, sample_photo_path
 from loadtests.run import parse_duration
+from service import launcher
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -277,7 +277,7 @@ def run_wrk(url: str, concurrency: int, duration_s: int, env: dict[str, str], me
     return p.stdout
 
 
-def measure_server(server: servectl.Server, path: str, body_env: dict[str, str], concs: list[int], duration_s: int,
+def measure_server(server: launcher.Server, path: str, body_env: dict[str, str], concs: list[int], duration_s: int,
                    method: str = "POST", metrics: bool = True) -> list[WrkResult]:
     """wrk at each concurrency; CPU counters and /metrics read around each run."""
     url = server.url.rstrip("/") + path
@@ -285,9 +285,9 @@ def measure_server(server: servectl.Server, path: str, body_env: dict[str, str],
     for c in concs:
         time.sleep(SETTLE_S)   # let the previous run's in-flight requests finish before reading the counters
         m0 = scrape(server.url) if metrics else ""
-        cpu0 = servectl.cpu_seconds(server.pids())
+        cpu0 = launcher.cpu_seconds(server.pids())
         out = run_wrk(url, c, duration_s, body_env, method)
-        cpu1 = servectl.cpu_seconds(server.pids())
+        cpu1 = launcher.cpu_seconds(server.pids())
         m1 = scrape(server.url) if metrics else ""
         r = parse_wrk(out, c)
         r.cpu_s = cpu1 - cpu0
@@ -499,11 +499,11 @@ def main(argv: list[str] | None = None) -> int:
         if not a.url or not re.match(r"^http://127\.0\.0\.1:\d+/", a.url):
             raise SystemExit("--server-cmd needs --url http://127.0.0.1:PORT/PATH")
         base, path = re.match(r"^(http://[^/]+)(/.*)$", a.url).groups()
-        server = servectl.Server(shlex.split(a.server_cmd), base, out / "server.log",
+        server = launcher.Server(shlex.split(a.server_cmd), base, out / "server.log",
                                  dict(kv.split("=", 1) for kv in a.env))
     else:
         extra = {"IMGSERVE_PRECISION": a.precision, **dict(kv.split("=", 1) for kv in a.env)}
-        server = servectl.service_server([str(a.bundle)], servectl.free_port(), out / "server.log", extra)
+        server = launcher.service_server([str(a.bundle)], launcher.free_port(), out / "server.log", extra)
         path = "/classify"
     served: list[WrkResult] = []
     floor: list[WrkResult] = []
@@ -515,12 +515,12 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        log.info("server ready after %.1f s: %s processes, %.0f MiB RSS", took, len(server.pids()), servectl.rss_mib(server.pids()))
+        log.info("server ready after %.1f s: %s processes, %.0f MiB RSS", took, len(server.pids()), launcher.rss_mib(server.pids()))
         run_wrk(server.url.rstrip("/") + path, 8, 5, body_env)   # warm-up, not counted
         served = measure_server(server, path, body_env, concs, a.duration, metrics=not a.server_cmd)
         if not a.no_floor and not a.server_cmd:
             livez = measure_server(server, "/livez", body_env, concs, a.floor_duration, method="GET", metrics=False)
-        rss = servectl.rss_mib(server.pids())
+        rss = launcher.rss_mib(server.pids())
     if not a.no_floor and not a.server_cmd:
         floor = measure_floor_service(out, body_env, concs, a.floor_duration, extra)
     load_end = os.getloadavg()
@@ -543,10 +543,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+FLOOR = "loadtests.floor_service:Floor"
+
+
+def floor_server(port: int, log_path: Path, extra_env: dict[str, str] | None = None) -> launcher.Server:
+    """The HTTP floor (loadtests/floor_service.py): the same stack as the service with no model."""
+    return launcher.bentoml_serve(FLOOR, port, log_path, extra_env)
+
+
 def measure_floor_service(out: Path, body_env: dict[str, str], concs: list[int], duration_s: int,
                           extra_env: dict[str, str]) -> list[WrkResult]:
     """The same POST against loadtests/floor_service.py (started and stopped here)."""
-    server = servectl.floor_server(servectl.free_port(), out / "floor-server.log", extra_env)
+    server = floor_server(launcher.free_port(), out / "floor-server.log", extra_env)
     with server.start():
         server.wait_ready()
         _wait_answering(server, "/classify", body_env, timeout_s=30)
@@ -554,7 +562,7 @@ def measure_floor_service(out: Path, body_env: dict[str, str], concs: list[int],
         return measure_server(server, "/classify", body_env, concs, duration_s, metrics=False)
 
 
-def _wait_answering(server: servectl.Server, path: str, body_env: dict[str, str], timeout_s: float = 300) -> float:
+def _wait_answering(server: launcher.Server, path: str, body_env: dict[str, str], timeout_s: float = 300) -> float:
     """Wait until a POST of the benchmark's body answers 2xx (a body the server refuses is an error, said once)."""
     body = Path(body_env["BODY_FILE"]).read_bytes()
     headers = {"Content-Type": body_env["CONTENT_TYPE"]}

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtests import servectl
+from service import launcher
 
 log = logging.getLogger(__name__)
 
@@ -104,23 +104,23 @@ def arena_variants(model: Path, copies: int) -> list[dict]:
 def serve_copies(bundle: Path, copies: int, port: int, out: Path) -> dict:
     """RSS and time to ready of the service serving ``copies`` names for the same bundle."""
     spec = ",".join(f"m{i + 1}={bundle.resolve()}" for i in range(copies))
-    srv = servectl.service_server([str(bundle)], port, out / f"serve-{copies}.log", {"IMGSERVE_MODELS": spec})
+    srv = launcher.service_server([str(bundle)], port, out / f"serve-{copies}.log", {"IMGSERVE_MODELS": spec})
     with srv.start():
         ready_s = srv.wait_ready()
         time.sleep(2.0)
-        rss = servectl.rss_mib(srv.pids())
+        rss = launcher.rss_mib(srv.pids())
     log.info("%d model(s): %.0f MiB RSS, ready in %.1f s", copies, rss, ready_s)
     return {"copies": copies, "rss_mib": round(rss, 1), "ready_s": round(ready_s, 2)}
 
 
 def load_cycles(bundle: Path, cycles: int, port: int, out: Path, image: bytes) -> dict:
-    srv = servectl.service_server([str(bundle)], port, out / "serve-cycles.log",
+    srv = launcher.service_server([str(bundle)], port, out / "serve-cycles.log",
                                   {"IMGSERVE_MODELS": f"base={bundle.resolve()}", "IMGSERVE_MODEL_CONTROL": "explicit"})
     loads, rss = [], []
     with srv.start():
         srv.wait_ready()
         _infer(srv.url, "base", image)
-        rss.append(servectl.rss_mib(srv.pids()))
+        rss.append(launcher.rss_mib(srv.pids()))
         for i in range(cycles):
             t0 = time.perf_counter()
             _post(f"{srv.url}/v2/repository/models/extra/load", {"parameters": {"bundle": str(bundle.resolve())}})
@@ -128,7 +128,7 @@ def load_cycles(bundle: Path, cycles: int, port: int, out: Path, image: bytes) -
             _infer(srv.url, "extra", image)
             _post(f"{srv.url}/v2/repository/models/extra/unload")
             time.sleep(0.5)
-            rss.append(servectl.rss_mib(srv.pids()))
+            rss.append(launcher.rss_mib(srv.pids()))
             log.info("cycle %2d: load %.2f s, RSS %.0f MiB", i + 1, loads[-1], rss[-1])
     return {"cycles": cycles, "load_s_median": round(statistics.median(loads), 2), "load_s_max": round(max(loads), 2),
             "rss_before_mib": round(rss[0], 1), "rss_after_first_mib": round(rss[1], 1),
@@ -154,12 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     image = Path(args.image or sample_photo_path()).read_bytes()
     model_mib = (args.bundle / "model.onnx").stat().st_size / 2**20
     arenas = arena_variants(args.bundle / "model.onnx", args.copies)
-    one = serve_copies(args.bundle, 1, servectl.free_port(), args.out)
-    many = serve_copies(args.bundle, args.copies, servectl.free_port(), args.out)
+    one = serve_copies(args.bundle, 1, launcher.free_port(), args.out)
+    many = serve_copies(args.bundle, args.copies, launcher.free_port(), args.out)
     per_extra = (many["rss_mib"] - one["rss_mib"]) / max(args.copies - 1, 1)
     result = {"model_file_mib": round(model_mib, 1), "onnxruntime_arenas": arenas, "one": one, "many": many,
               "rss_per_extra_model_mib": round(per_extra, 1), "per_extra_vs_file": round(per_extra / model_mib, 2),
-              "repository": load_cycles(args.bundle, args.cycles, servectl.free_port(), args.out, image)}
+              "repository": load_cycles(args.bundle, args.cycles, launcher.free_port(), args.out, image)}
     print(json.dumps(result, indent=2))
     return 0
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtests import servectl
+from service import launcher
 from loadtests.bench import _image_bytes, measure_server
 from loadtests.payloads import multipart
 
@@ -136,7 +136,7 @@ def run_case(bundle: Path, image_spec: str, kinds: list[str], concs: list[int], 
              env: dict[str, str], rounds: int = 0, repeat: int = 1) -> list[dict]:
     image, filename = _image_bytes(image_spec, bundle)
     cases = {k: v for k, v in bodies(bundle, image, filename).items() if k in kinds}
-    server = servectl.service_server([str(bundle)], servectl.free_port(), out / f"serve-{bundle.name}.log", env)
+    server = launcher.service_server([str(bundle)], launcher.free_port(), out / f"serve-{bundle.name}.log", env)
     rows: list[dict] = []
     with server.start():
         server.wait_ready()

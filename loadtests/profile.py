@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from loadtests import bench, oip_bench, servectl
+from loadtests import bench, oip_bench
+from service import launcher
 
 KINDS = ("multipart", "oip-bytes", "oip-uint8", "oip-json")
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "body.bin").write_bytes(body)
     body_env = {"BODY_FILE": str(out / "body.bin"), **env, "API_KEY": os.environ.get("IMGSERVE_API_KEY", "")}
     extra = {"IMGSERVE_PRECISION": a.precision, **dict(kv.split("=", 1) for kv in a.env)}
-    server = servectl.service_server([str(a.bundle)], servectl.free_port(), out / "server.log", extra)
+    server = launcher.service_server([str(a.bundle)], launcher.free_port(), out / "server.log", extra)
     with server.start():
         server.wait_ready()
         bench.run_wrk(server.url + path, 8, 5, body_env)   # warm-up

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from loadtests import servectl
+from service import launcher
 from loadtests.summary import summarize
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     try:
         if args.start_service:
-            server = servectl.service_server(args.start_service, servectl.free_port(), out / "service.log").start()
+            server = launcher.service_server(args.start_service, launcher.free_port(), out / "service.log").start()
             took = server.wait_ready(timeout_s=args.ready_timeout)
             log.info("service ready at %s after %.1f s", server.url, took)
             host = server.url

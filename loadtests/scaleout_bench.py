@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from loadtests import servectl
+from service import launcher
 from loadtests.bench import SETTLE_S, WrkResult, parse_wrk, run_wrk
 from loadtests.payloads import multipart, sample_photo_path
 
@@ -65,9 +65,9 @@ def measure(t: Target, path: str, body_env: dict[str, str], c: int, duration_s: 
     """One wrk run at concurrency c, with the CPU counters read around it."""
     url = t.url.rstrip("/") + path
     time.sleep(SETTLE_S)
-    s0, b0 = servectl.cpu_seconds(t.server_pids()), servectl.cpu_seconds(t.balancer_pids())
+    s0, b0 = launcher.cpu_seconds(t.server_pids()), launcher.cpu_seconds(t.balancer_pids())
     r: WrkResult = parse_wrk(run_wrk(url, c, duration_s, body_env), c)
-    s1, b1 = servectl.cpu_seconds(t.server_pids()), servectl.cpu_seconds(t.balancer_pids())
+    s1, b1 = launcher.cpu_seconds(t.server_pids()), launcher.cpu_seconds(t.balancer_pids())
     n = r.requests or 1
     row = Row(t.name, rnd, c, r.ok_rps, r.p50_ms, r.p99_ms, r.errors, r.error_detail, (s1 - s0) / n * 1e3,
               (b1 - b0) / n * 1e3 if t.balancer_pids() else None)
@@ -86,13 +86,13 @@ def container_pids(cluster) -> Callable[[], list[int]]:
     def pids() -> list[int]:
         out: list[int] = []
         for r in cluster.replicas().values():
-            out += servectl.tree_pids(runner.server_pid(r))
+            out += launcher.tree_pids(runner.server_pid(r))
         return out
     return pids
 
 
 def start_process(bundle: Path, out: Path, stack: ExitStack) -> Target:
-    srv = servectl.service_server([str(bundle)], servectl.free_port(), out / "process.log")
+    srv = launcher.service_server([str(bundle)], launcher.free_port(), out / "process.log")
     stack.enter_context(srv)
     srv.start()
     srv.wait_ready()

@@ -214,7 +214,7 @@ def rss_kib(pid: int) -> int:
 
 def worker_pids(server_pid: int) -> list[int]:
     """BentoML's worker processes under a ``bentoml serve`` process (they setsid, so look by parent)."""
-    from loadtests.servectl import tree_pids
+    from service.launcher import tree_pids
 
     return [p for p in tree_pids(server_pid) if p != server_pid]
 
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--url needs --server-pid (the soak reports the worker's RSS)")
         summary = soak(args.url, args.server_pid, args.minutes, args.fraction, args.bad_share, headers, args.side)
         return 1 if summary["unexpected"] else 0
-    from loadtests.servectl import free_port, service_server
+    from service.launcher import free_port, service_server
 
     port = free_port()
     env = {"IMGSERVE_API_KEY": args.api_key} if args.api_key else {}

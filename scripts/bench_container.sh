@@ -14,7 +14,7 @@ ENGINE=${ENGINE:-podman}
 [ -n "${CONTAINERS_CONF:-}" ] || [ ! -f build/container/containers.conf ] || export CONTAINERS_CONF=$PWD/build/container/containers.conf
 name=$(basename "$BUNDLE"); out=loadtests/results/container-vs-process-$(date +%Y%m%d-%H%M%S)-$name
 mkdir -p "$out"
-port() { "$PY" -c 'from loadtests.servectl import free_port; print(free_port())'; }
+port() { "$PY" -c 'from service.launcher import free_port; print(free_port())'; }
 bench() {  # LABEL CMD URL
   "$PY" -m loadtests.bench --bundle "$BUNDLE" --no-inproc --no-floor --duration "$DURATION" --concurrency "$CONCURRENCY" \
     --label "$1" --server-cmd "$2" --url "$3" --out "$out/$1" > "$out/$1.log" 2>&1 || { tail -20 "$out/$1.log"; exit 1; }

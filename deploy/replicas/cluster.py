@@ -17,7 +17,7 @@ from pathlib import Path
 
 from deploy.replicas.haproxy import HAProxy, Settings
 from deploy.replicas.runners import Replica, get_runner
-from loadtests.servectl import free_port, http_status
+from service.launcher import free_port, http_status
 
 log = logging.getLogger(__name__)
 

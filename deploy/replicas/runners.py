@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from loadtests import servectl
+from service import launcher
 
 # The one writable place under a read-only root, with BentoML's home in it (as deploy/k8s/base/deployment.yaml).
 TMPFS = ("/tmp",)
@@ -106,7 +106,7 @@ def process_start(image: str, port: int, env: dict[str, str], bundle: Path | Non
     # multiprocess directory and each /metrics would add up every replica's counters.
     env.setdefault("BENTOML_HOME", str(log_dir / f"bentoml-home-{port}"))
     log = log_dir / f"replica-{port}.log"
-    server = servectl.bentoml_serve(servectl.SERVICE, port, log, env).start()  # the repository's one launcher
+    server = launcher.bentoml_serve(launcher.SERVICE, port, log, env).start()  # the repository's one launcher
     return Replica("process", str(server.pid), port, env.get("IMGSERVE_MODELS", "bundles/default"), str(log), env)
 
 
@@ -116,7 +116,7 @@ def process_server_pid(r: Replica) -> int:
 
 def process_stop(r: Replica, grace_s: float) -> None:
     """SIGTERM to the server's session (its workers call setsid: stopped by PID after it), then SIGKILL."""
-    from loadtests.servectl import tree_pids
+    from service.launcher import tree_pids
 
     pid = int(r.ref)
     members = tree_pids(pid)

@@ -14,7 +14,7 @@ import pytest
 from container.build import WORK
 from container.engines import Engine, get_engine
 from ctr_run import LIMITS, build_image_cli
-from loadtests.servectl import start_service
+from service.launcher import start_service
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import httpx
 
 from container.engines import Engine
 from loadtests.payloads import fashion_pngs, sample_photo_path
-from loadtests.servectl import free_port, http_status
+from service.launcher import free_port, http_status
 
 
 LIMITS = {"IMGSERVE_MAX_BODY_BYTES": "3000000", "IMGSERVE_MAX_PIXELS": "4000000", "IMGSERVE_MAX_IMAGES": "4"}

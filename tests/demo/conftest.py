@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.servectl import start_service
+from service.launcher import start_service
 
 ROOT = Path(__file__).resolve().parents[2]
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

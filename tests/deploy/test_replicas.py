@@ -22,7 +22,7 @@ import pytest
 from conftest import ROOT, RUNNER, background_load
 from deploy.replicas.cluster import Cluster
 from deploy.replicas.runners import Replica, get_runner, podman
-from loadtests.servectl import http_status
+from service.launcher import http_status
 from loadtests.soak import bad_cases, check, fire, good_cases, open_loop, split_url
 
 MAX_QUEUE = 16  # images admitted per replica: the 8-client loop never reaches it, the overload burst does

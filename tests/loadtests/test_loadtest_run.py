@@ -22,12 +22,13 @@ def digits_bundle(trained_digits_run, tmp_path_factory):
 
 
 def test_tiny_locust_run_against_the_service(digits_bundle, tmp_path):
-    from loadtests import run, servectl
+    from loadtests import run
+    from service import launcher
 
     out = tmp_path / "run"
     code = run.main(["--start-service", str(digits_bundle), "--users", "2", "--duration", "5s",
                      "--max-requests", "400", "--out", str(out), "--ready-timeout", "120"])
-    log_tail = servectl.tail(out / "locust.log", 30)
+    log_tail = launcher.tail(out / "locust.log", 30)
     assert (out / "locust_stats.csv").exists() and (out / "report.html").exists(), log_tail
     summary = json.loads((out / "summary.json").read_text())
     assert summary["total"]["requests"] > 0, log_tail
@@ -49,9 +50,10 @@ def test_wrk_output_parser_on_a_real_run(tmp_path):
     import http.server
     import threading
 
-    from loadtests import bench, servectl
+    from loadtests import bench
+    from service import launcher
 
-    port = servectl.free_port()
+    port = launcher.free_port()
     handler = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *a: None})
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), lambda *a: handler(*a, directory=str(tmp_path)))
     (tmp_path / "ok.txt").write_text("ok")
@@ -85,13 +87,14 @@ def test_floor_service_answers_like_the_service_without_a_model(tmp_path):
     """The benchmark's trivial endpoint: the service's form handling, then a fixed answer."""
     import urllib.request
 
-    from loadtests import servectl
+    from loadtests import bench
     from loadtests.floor_service import ANSWER
+    from service import launcher
     from loadtests.payloads import digit_pngs, multipart
 
     png = digit_pngs(1)[0]
     body, ctype = multipart({"top_k": "5"}, [("image", (png.filename, png.data, "image/png"))])
-    server = servectl.floor_server(servectl.free_port(), tmp_path / "floor.log")
+    server = bench.floor_server(launcher.free_port(), tmp_path / "floor.log")
     with server.start():
         server.wait_ready(timeout_s=120)
         req = urllib.request.Request(server.url + "/classify", data=body, headers={"Content-Type": ctype})
@@ -99,4 +102,4 @@ def test_floor_service_answers_like_the_service_without_a_model(tmp_path):
             assert r.status == 200 and json.loads(r.read()) == ANSWER
         pids = server.pids()
         assert pids, "the floor server runs in its own processes, stopped by PID"
-    assert not [p for p in pids if servectl._alive(p)], "stopped with everything it started"
+    assert not [p for p in pids if launcher._alive(p)], "stopped with everything it started"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.servectl import start_service
+from service.launcher import start_service
 from rel_server import server_env
 
 

@@ -1,4 +1,4 @@
-"""Helpers for the reliability tests: the repository's launcher (``loadtests.servectl.start_service``),
+"""Helpers for the reliability tests: the repository's launcher (``service.launcher.start_service``),
 the shared server's settings (a random API key, small limits), raw requests, the worker's PID.
 
 Requests go through ``loadtests.soak.fire`` (raw asyncio sockets): cheap on the client side, so
@@ -10,7 +10,7 @@ import asyncio
 import secrets
 from pathlib import Path
 
-from loadtests.servectl import start_service
+from service.launcher import start_service
 from loadtests.soak import Result, fire, split_url, worker_pids
 
 API_KEY = "relkey-" + secrets.token_hex(12)  # random: finding it in a log can only mean a leak

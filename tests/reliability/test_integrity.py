@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from rel_corpus import digit, encode
-from loadtests.servectl import start_service
+from service.launcher import start_service
 from rel_server import AUTH, server_env
 
 

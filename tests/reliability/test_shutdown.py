@@ -9,7 +9,7 @@ import threading
 import time
 from collections import Counter
 
-from loadtests.servectl import start_service
+from service.launcher import start_service
 from rel_server import AUTH, server_env
 from loadtests.soak import check, closed_loop, good_cases, split_url, worker_pids
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loadtests.servectl import REPO, Server, free_port
+from service.launcher import REPO, Server, free_port
 
 CLASSES = {"zero": 0, "one": 1, "seven": 7}
 PER_CLASS = 40

@@ -1,12 +1,12 @@
 """Session fixtures: the digits bundle, and real ``bentoml serve`` processes on free loopback ports,
-started and stopped by ``loadtests.servectl`` (the repository's one launcher)."""
+started and stopped by ``service.launcher`` (the repository's one launcher)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from loadtests.servectl import start_service
+from service.launcher import start_service
 
 
 @pytest.fixture(scope="session")

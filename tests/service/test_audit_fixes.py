@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from loadtests.servectl import start_service
+from service.launcher import start_service
 from svc_factory import digit_uploads, png_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")

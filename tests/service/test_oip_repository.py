@@ -21,7 +21,7 @@ import pytest
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from loadtests.servectl import rss_mib, start_service
+from service.launcher import rss_mib, start_service
 from svc_factory import digit_uploads, png_bytes
 
 

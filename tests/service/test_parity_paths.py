@@ -27,7 +27,7 @@ from PIL import Image
 from imgformat.bundle import load_manifest
 from imgformat.spec import IMAGENET_MEAN, IMAGENET_STD, make_preprocess
 from loadtests.payloads import decode_paths
-from loadtests.servectl import start_service
+from service.launcher import start_service
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")]
 

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from loadtests.servectl import start_service, tree_pids
+from service.launcher import start_service, tree_pids
 from svc_factory import digit_uploads, png_bytes
 
 N_IMAGES, REPEATS = 8, 6
