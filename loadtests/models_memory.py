@@ -14,7 +14,7 @@
    ``--cycles`` times: load a second copy (``POST /v2/repository/models/extra/load``), one
    inference on it, unload it. Prints each load's seconds and the RSS before, after the first cycle
    and after the last one.
-Prints one JSON document at the end (figures for docs/benchmarks.md).
+Prints one JSON document at the end (figures for docs/performance.md).
 """
 from __future__ import annotations
 

@@ -95,7 +95,7 @@ def _shared_cpu_arena(ort) -> bool:
     models cost 380 MiB each where the weights are 43 MiB. With one shared arena (growing by what
     is asked, not in powers of two) an extra model costs its weights, and the arena holds the
     working memory of one batch at a time, which is all the single inference thread ever runs.
-    docs/benchmarks.md has the figures.
+    docs/performance.md has the figures.
     """
     try:
         mem = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)

@@ -73,7 +73,7 @@ async def parse_form(request: Request, cls: type[bentoml.IODescriptor], file_fie
 
     ``file_field`` holds a list of ``Upload``, None (absent) or a BadField (whole request unusable).
     The body is read whole (the guard middleware bounds it) and split by ``multipart``'s sans-IO
-    parser: several times cheaper than Starlette's ``request.form()`` (docs/benchmarks.md), whose
+    parser: several times cheaper than Starlette's ``request.form()`` (docs/performance.md), whose
     per-part SpooledTemporaryFile also rolls uploads over 1 MB to disk.
     """
     try:

@@ -175,7 +175,7 @@ def _tune_small_model(m: ServedModel, settings: Settings) -> float:
     """A model whose largest batch takes a few ms: its batches run on the event loop
     (``EagerBatcher.inline``) with one intra-op thread: on a thread, each batch waits for the busy
     loop to hand back the GIL, and waking a second intra-op thread for each of the model's tiny
-    operators costs more than it saves (figures: docs/benchmarks.md, small model). An explicit
+    operators costs more than it saves (docs/performance.md, small model). An explicit
     IMGSERVE_THREADS wins. Returns the extra warm-up seconds."""
     if hasattr(m.batcher, "inline"):
         m.batcher.inline = True

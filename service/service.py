@@ -289,7 +289,7 @@ def tune_gc() -> None:
     Each request allocates a few thousand short-lived objects (ASGI, BentoML, pydantic), so the
     default gen-0 threshold of 700 ran a collection every request or so, and the older
     generations kept re-scanning every module and model object loaded at start. Cycles are still
-    collected, only less often (figures: docs/benchmarks.md, one-off A/Bs).
+    collected, only less often (figures: docs/performance.md).
     """
     gc.collect()
     gc.freeze()
