@@ -48,6 +48,7 @@ class Settings:
     api_key: str | None = None
     model_control: str = "none"  # "explicit": the repository API may load and unload models
     allow_unchecked: bool = False  # serve bundles whose gates failed or never ran
+    tracing: bool = False  # OpenTelemetry spans for requests (health probes and /metrics never)
 
     def __repr__(self) -> str:  # never print the key
         return (f"Settings(models={self.models}, backend={self.backend}, precision={self.precision}, "
@@ -127,6 +128,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         api_key=_api_key(env),
         model_control=_model_control(env, workers),
         allow_unchecked=_bool(env, "IMGSERVE_ALLOW_UNCHECKED"),
+        tracing=_bool(env, "IMGSERVE_TRACING"),
     )
 
 

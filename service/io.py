@@ -7,8 +7,9 @@ BentoML's own multipart parsing is bypassed on purpose for image fields:
 - a *string* in a file field is fetched as a URL by BentoML's serde (a request could make the
   server download anything).
 ``ImageUpload`` keeps the OpenAPI schema of a file upload (Swagger shows a file picker,
-``bentoml.SyncHTTPClient`` sends multipart), and ``from_http_request`` below keeps each file as an
-in-memory ``Upload`` (no temp file) or a ``BadField`` that the API turns into a 4xx.
+``bentoml.SyncHTTPClient`` sends multipart), and ``form_fields`` below (called by the lean route,
+service/route.py, which answers every POST to these APIs) keeps each file as an in-memory ``Upload``
+(no temp file) or a ``BadField`` that the API turns into a 4xx.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from typing import Any, Callable, Optional
 from pydantic import Field
 from pydantic_core import core_schema
 import multipart
-from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 import bentoml
@@ -65,25 +65,6 @@ class Upload:
 
 MAX_TEXT_FIELDS = 32
 MAX_IMAGES = load_settings().max_images  # files per request (IMGSERVE_MAX_IMAGES)
-
-
-async def parse_form(request: Request, cls: type[bentoml.IODescriptor], file_field: str,
-                     max_files: int) -> bentoml.IODescriptor:
-    """Multipart form -> the input model, unvalidated: the API validates and answers clear 4xx.
-
-    ``file_field`` holds a list of ``Upload``, None (absent) or a BadField (whole request unusable).
-    The body is read whole (the guard middleware bounds it) and split by ``multipart``'s sans-IO
-    parser: several times cheaper than Starlette's ``request.form()`` (docs/performance.md), whose
-    per-part SpooledTemporaryFile also rolls uploads over 1 MB to disk.
-    """
-    try:
-        body = await request.body()
-    except ClientDisconnect:
-        if not request.scope.get(TOO_LARGE_KEY):
-            raise
-        body = None  # the guard ended a chunked body that grew too big
-    return cls.model_construct(**form_fields(request.headers.get("content-type", ""), body, request.scope, cls,
-                                             file_field, max_files))
 
 
 def form_fields(content_type: str, body: bytes | None, scope: dict, cls: type[bentoml.IODescriptor], file_field: str,
@@ -177,10 +158,6 @@ class ClassifyInput(bentoml.IODescriptor):
     top_k: Optional[int] = Field(None, ge=1, description="How many classes to return, 1..num_classes (default 5, "
                                  "or every class of a model with fewer).", examples=[5])
 
-    @classmethod
-    async def from_http_request(cls, request: Request, serde: Any) -> "ClassifyInput":
-        return await parse_form(request, cls, "image", max_files=MAX_IMAGES)
-
 
 class ClassifyBatchInput(bentoml.IODescriptor):
     """POST /classify_batch form."""
@@ -190,10 +167,6 @@ class ClassifyBatchInput(bentoml.IODescriptor):
                                  examples=[None])
     top_k: Optional[int] = Field(None, ge=1, description="How many classes to return per image, 1..num_classes "
                                  "(default 5, or every class of a model with fewer).", examples=[5])
-
-    @classmethod
-    async def from_http_request(cls, request: Request, serde: Any) -> "ClassifyBatchInput":
-        return await parse_form(request, cls, "images", max_files=MAX_IMAGES)
 
 
 class Prediction(bentoml.IODescriptor):

@@ -12,18 +12,20 @@ Outputs ``logits`` and ``probabilities`` (FP32 ``[N, num_classes]``); either one
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Callable
 
+import anyio
 import numpy as np
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-import bentoml
 from imgformat.preprocess import ImageError, stack
-from service import metrics
+from service.answer import answer, current_service
 from service.errors import Refused
-from service.io import TOO_LARGE_KEY, Upload, error_response, header, json_response
+from service.io import TOO_LARGE_KEY, Upload, header, json_response
 from service.models import ServedModel, softmax
 from service.oip_tensors import (HEADER_LENGTH, InferRequest, InputTensor, OutputTensor, RequestedOutput,
                                  encode_response, parse_request)
@@ -31,6 +33,8 @@ from service.oip_tensors import (HEADER_LENGTH, InferRequest, InputTensor, Outpu
 SERVER_NAME = "imgserve"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 _HEADER_LENGTH_KEY = HEADER_LENGTH.encode()  # as ASGI scope headers hold it
+STRUCTURE_VALUES = 1024  # JSON values of a request besides its pixels: names, shapes, outputs, parameters
+INLINE_PARSE_BYTES = 256 * 1024  # bodies up to this size are parsed on the event loop (well under 1 ms)
 _PLATFORMS = {"onnx": "onnx_onnxv1", "torchscript": "pytorch_torchscript"}  # OIP's platform names
 
 
@@ -65,17 +69,20 @@ async def live(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    svc = _service()
+    try:
+        svc = current_service()
+    except Refused:
+        svc = None
     ok = svc is not None and svc.__is_ready__() and bool(svc.models)
     return json_response({"ready": ok}, 200 if ok else 503)
 
 
 async def model_ready(request: Request) -> Response:
-    return _guarded(lambda svc: json_response({"name": _resolve(svc, **request.path_params).name, "ready": True}))
+    return await _about_model(request, lambda m: {"name": m.name, "ready": True})
 
 
 async def model_metadata(request: Request) -> Response:
-    return _guarded(lambda svc: json_response(metadata(_resolve(svc, **request.path_params))))
+    return await _about_model(request, metadata)
 
 
 def metadata(m: ServedModel) -> dict[str, Any]:
@@ -86,7 +93,7 @@ def metadata(m: ServedModel) -> dict[str, Any]:
 
 
 async def model_config(request: Request) -> Response:
-    return _guarded(lambda svc: json_response(config(_resolve(svc, **request.path_params))))
+    return await _about_model(request, config)
 
 
 def config(m: ServedModel) -> dict[str, Any]:
@@ -108,31 +115,22 @@ def _input_name(m: ServedModel) -> str:
 
 # -- inference -----------------------------------------------------------------------------------
 async def infer(request: Request) -> Response:
-    """The Starlette route; POST normally arrives at ``answer_infer`` through the lean route
-    (service/route.py) without Starlette's router and ``Request`` in between."""
-    try:
-        body = await request.body()
-    except ClientDisconnect:
-        if not request.scope.get(TOO_LARGE_KEY):
-            raise
-        body = None
-    return await answer_infer(request.scope, body, **request.path_params)
+    """The router's route for .../infer, there so other methods get 405 and route listings show it.
+    Never called: the lean route (service/route.py) answers every POST to this path first."""
+    raise RuntimeError("POST .../infer reached the router: the lean route is not installed")
 
 
 async def answer_infer(scope: dict, body: bytes | None, name: str, version: str | None = None) -> Response:
     """POST .../infer: ``body`` is None when the guard cut off a chunked body over the size limit."""
-    svc = _service()
-    if svc is None:
-        return error_response("the service is starting; retry shortly", 503, retry_after=1)
-
     async def run() -> Response:
+        svc = current_service()
         if body is None:
             raise Refused(f"request body is over the limit of {scope[TOO_LARGE_KEY]} bytes "
                           "(IMGSERVE_MAX_BODY_BYTES)", 413, "body_too_large")
         # No await between resolving the model and admission: a version switch never lands between
         # the two, so this request runs wholly on one version.
         model = _resolve(svc, name, version)
-        req = parse_request(body, header(scope, _HEADER_LENGTH_KEY), raw_input=_input_name(model))
+        req = await _parse(svc, model, body, header(scope, _HEADER_LENGTH_KEY))
         tensor, n = _one_input(model, req, svc.settings.max_images)
         outputs = _requested(model, req)
         with model.batcher.admitted(n):
@@ -144,7 +142,33 @@ async def answer_infer(scope: dict, body: bytes | None, name: str, version: str 
         out, headers = encode_response(head, [_output(model, o, logits) for o in outputs])
         return Response(out, headers=headers)
 
-    return await svc._answer(run())
+    return await answer(run, "POST /v2/models/{name}/infer")
+
+
+async def _parse(svc: Any, model: ServedModel, body: bytes, header_length: str | None) -> InferRequest:
+    """The request, parsed within the model's bounds; a big body in a decoder thread, so the event
+    loop (health probes, other requests) never waits for JSON parsing."""
+    parse = functools.partial(parse_request, body, header_length, raw_input=_input_name(model),
+                              max_values=_most_values(svc, model))
+    if len(body) <= INLINE_PARSE_BYTES:
+        return parse()
+    return await anyio.to_thread.run_sync(parse, limiter=svc.decode_limiter)
+
+
+def _most_values(svc: Any, model: ServedModel) -> int:
+    return svc.settings.max_images * math.prod(model.preprocessor.shape) + STRUCTURE_VALUES
+
+
+def infer_values_budget(scope: dict, name: str, version: str | None = None) -> int | None:
+    """The most JSON values a plain-JSON infer body for this model may hold, for the lean route to
+    count while the body arrives; None (no early count) for a binary body or an unknown model."""
+    if header(scope, _HEADER_LENGTH_KEY) is not None:
+        return None
+    try:
+        svc = current_service()
+        return _most_values(svc, _resolve(svc, name, version))
+    except Refused:
+        return None
 
 
 def _one_input(model: ServedModel, req: InferRequest, max_images: int) -> tuple[InputTensor, int]:
@@ -212,18 +236,6 @@ def _output(model: ServedModel, o: RequestedOutput, logits: np.ndarray) -> Outpu
 
 
 # -- plumbing ------------------------------------------------------------------------------------
-# Resolved once, as in service.service: each ``bentoml.get_current_service`` attribute lookup goes
-# through BentoML's lazy module ``__getattr__``, once per request here otherwise.
-_current_service = bentoml.get_current_service
-
-
-def _service() -> Any:
-    try:
-        return _current_service()
-    except Exception:  # not started yet
-        return None
-
-
 def _resolve(svc: Any, name: str, version: str | None = None) -> ServedModel:
     """The model (and version, when the path names one) of the request; 404 otherwise."""
     if name not in svc.models:
@@ -235,15 +247,12 @@ def _resolve(svc: Any, name: str, version: str | None = None) -> ServedModel:
     return m
 
 
-def _guarded(fn: Callable[[Any], Response]) -> Response:
-    svc = _service()
-    if svc is None:
-        return error_response("the service is starting; retry shortly", 503, retry_after=1)
-    try:
-        return fn(svc)
-    except Refused as e:
-        metrics.ERRORS.labels(kind=e.kind).inc()
-        return error_response(str(e), e.status)
+async def _about_model(request: Request, describe: Callable[[ServedModel], dict[str, Any]]) -> Response:
+    """GET on a model's path: ``describe`` of the model (and version) it names."""
+    async def work() -> Response:
+        return json_response(describe(_resolve(current_service(), **request.path_params)))
+
+    return await answer(work, f"GET {request.url.path}")
 
 
 # The POST .../infer paths, for the lean route: Starlette's ``{name}`` matches one path segment.

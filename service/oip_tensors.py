@@ -16,15 +16,20 @@ import base64
 import binascii
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
 
+from service import jsonbounds
 from service.errors import Refused
 
 HEADER_LENGTH = "inference-header-content-length"
+_BYTE_COUNT = re.compile(r"[0-9]{1,18}")  # ASCII digits only, and few enough for int() to be instant
+DEFAULT_MAX_VALUES = 1_000_000
+MAX_RANK, MAX_DIM = 8, 2**31  # shapes beyond these are no image tensor, and would make math.prod slow
 _NUMPY = {"UINT8": np.uint8, "FP32": np.float32}  # datatypes this service reads or writes as numbers
 
 
@@ -66,10 +71,13 @@ def bad(message: str, kind: str = "bad_request", status: int = 400) -> Refused:
 
 
 # -- requests ------------------------------------------------------------------------------------
-def parse_request(body: bytes, header_length: str | None, raw_input: str = "image") -> InferRequest:
+def parse_request(body: bytes, header_length: str | None, raw_input: str = "image",
+                  max_values: int = DEFAULT_MAX_VALUES) -> InferRequest:
     """An HTTP body (and its Inference-Header-Content-Length) -> InferRequest; 400 on any mistake.
 
     ``raw_input``: the input a raw binary request (header length 0) feeds, as one BYTES element.
+    ``max_values``: the most JSON values the header may hold (413 over it, before it is parsed):
+    the images a request may carry times the values of one image, plus room for the rest.
     """
     if header_length is None:
         header, binary = body, b""
@@ -79,24 +87,26 @@ def parse_request(body: bytes, header_length: str | None, raw_input: str = "imag
             return InferRequest(None, [InputTensor(raw_input, "BYTES", (1,), [bytes(body)])], None, True)
         header, binary = body[:n], memoryview(body)[n:]
     try:
-        doc = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        hint = "" if header_length is not None else " (binary tensor data needs the Inference-Header-Content-Length header)"
-        raise bad(f"the inference request is not valid JSON: {e}{hint}", "bad_json") from None
+        doc = jsonbounds.loads(header, "the inference request", max_values)
+    except Refused as e:
+        if e.kind == "bad_json" and header_length is None:
+            e.args = (f"{e} (binary tensor data needs the Inference-Header-Content-Length header)",)
+        raise
     if not isinstance(doc, dict):
         raise bad("the inference request must be a JSON object with an 'inputs' list", "bad_json")
     params = _parameters(doc.get("parameters"), "request")
     rid = doc.get("id")
     if rid is not None and not isinstance(rid, str):
         raise bad(f"'id' must be a string, got {type(rid).__name__}")
-    inputs = _inputs(doc.get("inputs"), binary)
+    inputs = _inputs(doc.get("inputs"), binary, max_values)
     return InferRequest(rid, inputs, _outputs(doc.get("outputs")), _bool(params, "binary_data_output", "request"), params)
 
 
 def _header_length(value: str, body_len: int) -> int:
-    if not value.strip().isdigit():
-        raise bad(f"Inference-Header-Content-Length must be a byte count, got {value!r}", "bad_binary")
-    n = int(value)
+    digits = value.strip()
+    if not _BYTE_COUNT.fullmatch(digits):
+        raise bad(f"Inference-Header-Content-Length must be a byte count, got {value[:40]!r}", "bad_binary")
+    n = int(digits)
     if n > body_len:
         raise bad(f"Inference-Header-Content-Length is {n} but the body has only {body_len} bytes", "bad_binary")
     return n
@@ -117,7 +127,7 @@ def _bool(params: dict, key: str, where: str) -> bool:
     return v
 
 
-def _inputs(value: Any, binary: memoryview | bytes) -> list[InputTensor]:
+def _inputs(value: Any, binary: memoryview | bytes, max_values: int) -> list[InputTensor]:
     if not isinstance(value, list) or not value:
         raise bad("the inference request needs a non-empty 'inputs' list")
     out, offset = [], 0
@@ -127,16 +137,17 @@ def _inputs(value: Any, binary: memoryview | bytes) -> list[InputTensor]:
         name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
         if not isinstance(name, str) or not isinstance(datatype, str):
             raise bad(f"inputs[{i}] needs a string 'name' and 'datatype'")
-        if (not isinstance(shape, list) or not shape
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-            raise bad(f"input '{name}': 'shape' must be a list of non-negative integers, got {shape!r}")
+        if (not isinstance(shape, list) or not 0 < len(shape) <= MAX_RANK
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape)):
+            raise bad(f"input '{name}': 'shape' must be a list of 1 to {MAX_RANK} non-negative integers under {MAX_DIM}, "
+                      f"got {str(shape)[:100]}")
         params = _parameters(item.get("parameters"), f"input '{name}'")
         size = params.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
                 raise bad(f"input '{name}': binary_data_size {size!r} does not fit the {len(binary) - offset} "
                           "bytes of binary data left in the body", "bad_binary")
-            data = _from_binary(name, datatype, tuple(shape), binary[offset:offset + size])
+            data = _from_binary(name, datatype, tuple(shape), binary[offset:offset + size], max_values)
             offset += size
         elif "data" in item:
             data = _from_json(name, datatype, tuple(shape), item["data"], params)
@@ -152,9 +163,12 @@ def _count(shape: tuple[int, ...]) -> int:
     return math.prod(shape)  # Python ints: no overflow, and 20x cheaper than np.prod on a short tuple
 
 
-def _from_binary(name: str, datatype: str, shape: tuple[int, ...], raw: memoryview) -> Any:
+def _from_binary(name: str, datatype: str, shape: tuple[int, ...], raw: memoryview, max_values: int) -> Any:
     if datatype == "BYTES":
-        return _check_count(name, shape, split_bytes(raw, name))
+        if _count(shape) > max_values:
+            raise bad(f"input '{name}': shape {list(shape)} holds more than {max_values} BYTES elements", "too_many_values",
+                      413)
+        return _check_count(name, shape, split_bytes(raw, name, _count(shape)))
     dtype = _numeric(name, datatype)
     want = _count(shape) * np.dtype(dtype).itemsize
     if len(raw) != want:
@@ -210,11 +224,14 @@ def _b64(name: str, i: int, s: Any) -> bytes:
                   "as binary data with binary_data_size)", "bad_bytes") from None
 
 
-def split_bytes(raw: memoryview | bytes, name: str = "tensor") -> list[bytes]:
-    """A serialised BYTES tensor (4-byte little-endian length + bytes, repeated) -> its elements."""
+def split_bytes(raw: memoryview | bytes, name: str = "tensor", most: int | None = None) -> list[bytes]:
+    """A serialised BYTES tensor (4-byte little-endian length + bytes, repeated) -> its elements;
+    a 400 as soon as there are more than ``most`` of them."""
     raw = memoryview(raw)
     out, pos = [], 0
     while pos < len(raw):
+        if most is not None and len(out) == most:
+            raise bad(f"input '{name}': more BYTES elements than its shape's {most}", "bad_shape")
         if pos + 4 > len(raw):
             raise bad(f"input '{name}': BYTES element {len(out)} has a truncated 4-byte length", "bad_binary")
         (n,) = struct.unpack_from("<I", raw, pos)

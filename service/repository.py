@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import time
 from typing import Any
@@ -25,15 +24,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-import bentoml
 from imgformat.constants import NAME_RE
-from service import metrics
+from service import jsonbounds
+from service.answer import answer, current_service
 from service.config import ModelSource
 from service.errors import Refused
-from service.io import error_response, json_response
+from service.io import json_response
 from service.models import ServedModel, load_ready_model, malloc_trim
 
 logger = logging.getLogger(__name__)
+MAX_VALUES = 64  # JSON values in a repository request: a few parameters
 
 
 class ModelRepository:
@@ -121,11 +121,10 @@ def _source(name: str, params: dict) -> ModelSource | None:
                       '({"parameters": {"bundle": DIR}}) or a BentoML store tag ({"parameters": {"store": TAG}})',
                       400, "bad_load")
     if "config" in params:
-        try:
-            cfg = json.loads(params["config"])
-        except (TypeError, json.JSONDecodeError):
+        if not isinstance(params["config"], str):
             raise Refused("parameters.config must be a JSON object string, e.g. '{\"bundle\": \"/path\"}'", 400,
-                          "bad_load") from None
+                          "bad_load")
+        cfg = jsonbounds.loads(params["config"].encode(), "parameters.config", MAX_VALUES)
         params = cfg if isinstance(cfg, dict) else {}
     bundle, store = params.get("bundle"), params.get("store")
     if bundle is not None and store is not None:
@@ -143,10 +142,7 @@ async def _json(request: Request) -> dict:
     body = await request.body()
     if not body.strip():
         return {}
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Refused(f"the request body is not valid JSON: {e}", 400, "bad_json") from None
+    doc = jsonbounds.loads(body, "the request body", MAX_VALUES)
     if not isinstance(doc, dict):
         raise Refused("the request body must be a JSON object", 400, "bad_json")
     params = doc.get("parameters", {})
@@ -163,15 +159,10 @@ def _repository(svc: Any, change: bool) -> ModelRepository:
 
 
 async def _answer(request: Request, work) -> Response:
-    try:
-        svc = bentoml.get_current_service()
-    except Exception:
-        return error_response("the service is starting; retry shortly", 503, retry_after=1)
-    try:
-        return await work(svc, await _json(request))
-    except Refused as e:
-        metrics.ERRORS.labels(kind=e.kind).inc()
-        return error_response(str(e), e.status)
+    async def run() -> Response:
+        return await work(current_service(), await _json(request))
+
+    return await answer(run, f"POST {request.url.path}")
 
 
 async def index(request: Request) -> Response:

@@ -16,16 +16,17 @@ schema, Swagger UI and ``bentoml.SyncHTTPClient`` work unchanged; every other pa
 """
 from __future__ import annotations
 
-import logging
 import re
 from typing import Any, Awaitable, Callable
 
 import bentoml
-from service.io import TOO_LARGE_KEY, form_fields, header, json_response
+from service import jsonbounds
+from service.answer import answer
+from service.io import TOO_LARGE_KEY, form_fields, header
 
-logger = logging.getLogger(__name__)
 
 Handler = Callable[..., Awaitable[Any]]  # an API function, or a route's answer: (scope, body, **path groups)
+Budget = Callable[..., "int | None"]  # a route's most JSON values: (scope, **path groups)
 
 
 class FormRoute:
@@ -60,49 +61,71 @@ class LeanRoute:
     regex's named groups as keyword arguments (``/v2/models/{name}/infer``). An answer is
     ``async (scope, body, **groups) -> Response``; ``body`` is None when the guard cut off a
     chunked body over the size limit (``scope[TOO_LARGE_KEY]`` says so), and the answer says 413.
+    ``budgets`` (keyed like ``patterns``) give a route's most JSON values, ``(scope, **groups) ->
+    int | None``: commas are counted as the body arrives, and once over, the rest is read and
+    dropped (never held) and the answer is 413.
     """
 
     def __init__(self, app: Any, routes: dict[str, Handler], server_header: str,
-                 patterns: dict[str, Handler] | None = None) -> None:
+                 patterns: dict[str, Handler] | None = None, budgets: dict[str, Budget] | None = None) -> None:
         self.app = app
         self.routes = routes
-        self.patterns = [(re.compile(rx), answer) for rx, answer in (patterns or {}).items()]
+        self.patterns = [(re.compile(rx), answer, (budgets or {}).get(rx)) for rx, answer in (patterns or {}).items()]
         self.server = server_header.encode("latin-1")
 
-    def _match(self, path: str) -> tuple[Handler, dict[str, str]] | None:
+    def _match(self, path: str) -> tuple[Handler, dict[str, str], Budget | None] | None:
         answer = self.routes.get(path)
         if answer is not None:
-            return answer, {}
-        for rx, answer in self.patterns:
+            return answer, {}, None
+        for rx, answer, budget in self.patterns:
             m = rx.fullmatch(path)
             if m is not None:
-                return answer, m.groupdict()
+                return answer, m.groupdict(), budget
         return None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         found = self._match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if found is None:
             return await self.app(scope, receive, send)
-        answer, groups = found
-        body = await _read_body(receive)
-        if body is None and not scope.get(TOO_LARGE_KEY):
-            return  # the client went away: nobody to answer
-        try:
-            response = await answer(scope, body, **groups)
-        except Exception:  # as BentoML does for an API that raises: log it, answer a bare 500
-            logger.exception("%s %s failed", scope["method"], scope["path"])
-            response = json_response({"error": "An unexpected error has occurred, please check the server log."}, 500)
-        response.raw_headers.append((b"server", self.server))
-        await response(scope, receive, send)
+        respond, groups, budget = found
+
+        async def work() -> Any:
+            body = await _read_body(receive, budget(scope, **groups) if budget else None)
+            if body is None and not scope.get(TOO_LARGE_KEY):
+                return None  # the client went away: nobody to answer
+            return await respond(scope, body, **groups)
+
+        response = await answer(work, f"POST {scope['path']}")
+        if response is not None:
+            response.raw_headers.append((b"server", self.server))
+            await response(scope, receive, send)
 
 
-async def _read_body(receive: Any) -> bytes | None:
-    """The whole request body; None when the stream ended in a disconnect (or the guard's cut-off)."""
-    chunks = []
+async def _read_body(receive: Any, most_values: int | None = None) -> bytes | None:
+    """The whole request body; None when the stream ended in a disconnect (or the guard's cut-off).
+    Over ``most_values`` JSON values (commas + 1): the rest is drained unkept, then a 413."""
+    chunks, commas = [], 0
     while True:
         msg = await receive()
         if msg["type"] != "http.request":
             return None
-        chunks.append(msg.get("body", b""))
+        chunk = msg.get("body", b"")
+        if most_values is not None:
+            commas += chunk.count(b",")
+            if commas >= most_values:
+                return await _drain_then_refuse(receive, most_values, commas + 1, msg.get("more_body", False))
+        chunks.append(chunk)
         if not msg.get("more_body"):
             return b"".join(chunks) if len(chunks) > 1 else chunks[0]
+
+
+async def _drain_then_refuse(receive: Any, most_values: int, seen: int, more: bool) -> None:
+    """Read the rest of a body that is already refused, keeping none of it: closing the connection
+    on an unread body instead would reset it, and a client sending all before reading loses the 413."""
+    while more:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return None
+        seen += msg.get("body", b"").count(b",")
+        more = msg.get("more_body", False)
+    raise jsonbounds.too_many_values("the inference request", most_values, seen)

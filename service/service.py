@@ -29,6 +29,7 @@ import bentoml
 from imgformat.bundle import BundleError
 from imgformat.preprocess import ImageError, stack
 from service import metrics, oip, onewrite, repository
+from service.answer import RequestId, answer, current_service
 from service.batching import Overloaded
 from service.config import Settings, load_settings
 from service.errors import Refused as _Refused
@@ -102,14 +103,11 @@ class GuardMiddleware:
                              413)(scope, receive, send)
 
 
-# Resolved once: ``bentoml.get_current_service`` is a lazy module attribute whose every lookup goes
-# through BentoML's module ``__getattr__`` and importlib (about 40 us, once per request in the guard).
-current_service = bentoml.get_current_service
-
-
 async def _models_view(request: Request) -> Response:
-    svc = current_service()
-    return json_response(svc.describe_models())
+    async def work() -> Response:
+        return json_response(current_service().describe_models())
+
+    return await answer(work, "GET /models")
 
 
 def _protected(path: str) -> bool:
@@ -122,13 +120,19 @@ def _protected(path: str) -> bool:
 extra_routes = Starlette(routes=[Route("/models", _models_view, methods=["GET"]), *oip.routes, *repository.routes])
 
 
+# OpenTelemetry's ASGI middleware matches these regexes anywhere in the full URL ("/" would match
+# every URL). Tracing is off unless IMGSERVE_TRACING=1: the middleware's spans cost about a tenth of
+# the event loop, and they go nowhere until an exporter is configured in BentoML's configuration.
+TRACED_NONE = [".*"]
+TRACED_NOT = [r"^[a-z]+://[^/]+/(livez|readyz|healthz|metrics|v2/health/live|v2/health/ready)/?$"]
+
 # The BentoML service options, shared with the benchmark's no-model floor service
 # (loadtests/floor_service.py) so that both measure the same HTTP stack.
 SERVICE_OPTIONS: dict[str, Any] = dict(
     workers=SETTINGS.workers,  # IMGSERVE_WORKERS; docs/performance.md says when more than one pays
     traffic={"timeout": SETTINGS.timeout_s},
     logging={"access": {"enabled": False}},  # ~1 ms of event-loop time per request
-    tracing={"excluded_urls": ["/"]},  # OpenTelemetry middleware costs ~11 % of the loop
+    tracing={"excluded_urls": TRACED_NOT if SETTINGS.tracing else TRACED_NONE},
     metrics={"enabled": True},
 )
 
@@ -230,15 +234,6 @@ class ImgServe:
             logits = await model.batcher.infer(pixels)  # (n, num_classes)
         return model, [top_k(row, kk, model.class_names) for row in logits]
 
-    async def _answer(self, coro) -> Response:
-        try:
-            return await coro
-        except _Refused as e:
-            metrics.ERRORS.labels(kind=e.kind).inc()
-            return error_response(str(e), e.status, **e.extra)
-        except Overloaded as e:
-            return error_response(str(e), 503, retry_after=e.retry_after)
-
     # -- API -------------------------------------------------------------------------------------
     @bentoml.api(route="/classify", input_spec=ClassifyInput, output_spec=ClassifyOutput)
     async def classify(self, image: Any = None, model: Optional[str] = None, top_k: Optional[int] = None) -> Response:
@@ -250,7 +245,7 @@ class ImgServe:
             m, preds = await self._classify(image, "image", 1, model, top_k)
             return json_response({"model": m.name, "version": m.version, "predictions": preds[0]})
 
-        return await self._answer(run())
+        return await answer(run, "POST /classify")
 
     @bentoml.api(route="/classify_batch", input_spec=ClassifyBatchInput, output_spec=ClassifyBatchOutput)
     async def classify_batch(self, images: Any = None, model: Optional[str] = None, top_k: Optional[int] = None) -> Response:
@@ -263,7 +258,7 @@ class ImgServe:
             return json_response({"model": m.name, "version": m.version,
                                   "results": [{"predictions": p} for p in preds]})
 
-        return await self._answer(run())
+        return await answer(run, "POST /classify_batch")
 
 
 def _shed_early() -> Overloaded | None:
@@ -314,7 +309,10 @@ def _stop_supervisor(reason: str) -> None:
 FORM_ROUTES = {"/classify": FormRoute("classify", ClassifyInput, "image", MAX_IMAGES),
                "/classify_batch": FormRoute("classify_batch", ClassifyBatchInput, "images", MAX_IMAGES)}
 OIP_ROUTES = {oip.INFER_PATH: oip.answer_infer}
+OIP_BUDGETS = {oip.INFER_PATH: oip.infer_values_budget}
 
+ImgServe.add_asgi_middleware(RequestId)  # outermost of ours: every answer below carries the id
 ImgServe.add_asgi_middleware(GuardMiddleware, max_body_bytes=SETTINGS.max_body_bytes, api_key=SETTINGS.api_key)
-ImgServe.add_asgi_middleware(LeanRoute, routes=FORM_ROUTES, patterns=OIP_ROUTES, server_header="BentoML Service/imgserve")
+ImgServe.add_asgi_middleware(LeanRoute, routes=FORM_ROUTES, patterns=OIP_ROUTES, budgets=OIP_BUDGETS,
+                             server_header="BentoML Service/imgserve")
 ImgServe.add_asgi_middleware(PagesMiddleware)  # / and /demo (BentoML's / loads a tracker from the internet)

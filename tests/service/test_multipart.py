@@ -1,4 +1,4 @@
-"""service.io.parse_form: the multipart parsing of /classify and /classify_batch, in-process.
+"""service.io.form_fields (after the lean route's body reader): the multipart parsing of /classify and /classify_batch, in-process.
 
 Differential against Starlette's own ``request.form()`` (python-multipart) on generated forms,
 encoded by an independent encoder (urllib3), and every refusal with its status and kind.
@@ -13,7 +13,8 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from urllib3.filepost import encode_multipart_formdata
 
-from service.io import BadField, ClassifyBatchInput, ClassifyInput, MAX_TEXT_FIELDS, Upload, parse_form
+from service.io import BadField, ClassifyBatchInput, ClassifyInput, MAX_TEXT_FIELDS, Upload, form_fields
+from service.route import _read_body
 
 
 def _request(body: bytes, ctype: str, chunks: int = 1) -> Request:
@@ -29,7 +30,9 @@ def _request(body: bytes, ctype: str, chunks: int = 1) -> Request:
 
 
 def _parse(body: bytes, ctype: str, cls=ClassifyBatchInput, field: str = "images", max_files: int = 64, chunks: int = 1):
-    return asyncio.run(parse_form(_request(body, ctype, chunks), cls, field, max_files))
+    request = _request(body, ctype, chunks)
+    whole = asyncio.run(_read_body(request.receive))
+    return cls.model_construct(**form_fields(ctype, whole, request.scope, cls, field, max_files))
 
 
 async def _starlette_form(body: bytes, ctype: str) -> list[tuple[str, str | None, bytes]]:
