@@ -28,7 +28,7 @@ from starlette.routing import Route
 import bentoml
 from imgformat.bundle import BundleError
 from imgformat.preprocess import ImageError, stack
-from service import metrics, oip, onewrite, repository
+from service import metrics, oip, onewrite, repository, timeouts
 from service.answer import RequestId, answer, current_service
 from service.batching import Overloaded
 from service.config import Settings, load_settings
@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 SETTINGS: Settings = load_settings()
 onewrite.install()  # each answer in one socket write: a killed replica sends all of it or nothing
+timeouts.install()  # the request timeout's timer goes with its request, not 60 s later
 PROTECTED = ("/classify", "/v2/repository")  # prefixes that need the API key when one is set
 INLINE_DECODE_PIXELS = 128 * 128  # decode smaller images on the event loop (well under 1 ms)
 
