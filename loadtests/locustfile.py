@@ -39,6 +39,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from typing import Callable
 
 import gevent
 import gevent.lock
@@ -253,7 +254,15 @@ class ImgServeUser(FastHttpUser):
         info = self.view.models[answering] if answering else next(iter(self.view.models.values()))
         top_k = self._pick_top_k(info)
         body, ctype = multipart(self._form(model, top_k), [("image", (payload.filename, payload.data, payload.content_type))])
-        with self.client.post("/classify", data=body, headers={**AUTH, "Content-Type": ctype}, name=f"/classify {group}",
+        known = self.view.known.get((answering, payload.name)) if answering else None
+        self._post_checked("/classify", body, ctype, f"/classify {group}", payload.name, lambda data: check_classify_body(
+            data, models=self.view.models, requested=model, default=self.view.default, top_k=top_k or DEFAULT_TOP_K,
+            known_label=known))
+
+    def _post_checked(self, path: str, body: bytes, ctype: str, name: str, what: str,
+                      check: Callable[[dict], None]) -> None:
+        """POST a form; a 200 whose body ``check`` refuses (BodyError) is a failure of that kind."""
+        with self.client.post(path, data=body, headers={**AUTH, "Content-Type": ctype}, name=name,
                               catch_response=True) as resp:
             data = self._json_or_fail(resp)
             if data is None:
@@ -261,11 +270,9 @@ class ImgServeUser(FastHttpUser):
             if resp.status_code != 200:
                 return self._fail(resp, f"http_{resp.status_code}", str(data)[:200])
             try:
-                known = self.view.known.get((answering, payload.name)) if answering else None
-                check_classify_body(data, models=self.view.models, requested=model, default=self.view.default,
-                                    top_k=top_k or DEFAULT_TOP_K, known_label=known)
+                check(data)
             except BodyError as e:
-                return self._fail(resp, e.kind, f"{payload.name}: {e}")
+                return self._fail(resp, e.kind, f"{what}: {e}")
             resp.success()
 
     @task(10)
@@ -288,20 +295,11 @@ class ImgServeUser(FastHttpUser):
         top_k = self._pick_top_k(self.view.models[answering]) if answering else None
         files = [("images", (p.filename, p.data, p.content_type)) for p in items]
         body, ctype = multipart(self._form(model, top_k), files)
-        with self.client.post("/classify_batch", data=body, headers={**AUTH, "Content-Type": ctype},
-                              name="/classify_batch 2-6 images", catch_response=True) as resp:
-            data = self._json_or_fail(resp)
-            if data is None:
-                return
-            if resp.status_code != 200:
-                return self._fail(resp, f"http_{resp.status_code}", str(data)[:200])
-            try:
-                known = [self.view.known.get((answering, p.name)) if answering else None for p in items]
-                check_batch_body(data, models=self.view.models, requested=model, default=self.view.default,
-                                 top_k=top_k or DEFAULT_TOP_K, known_labels=known)
-            except BodyError as e:
-                return self._fail(resp, e.kind, str(e))
-            resp.success()
+        known = [self.view.known.get((answering, p.name)) if answering else None for p in items]
+        self._post_checked("/classify_batch", body, ctype, "/classify_batch 2-6 images", f"{n} images",
+                           lambda data: check_batch_body(data, models=self.view.models, requested=model,
+                                                         default=self.view.default, top_k=top_k or DEFAULT_TOP_K,
+                                                         known_labels=known))
 
     @task(1)
     def bad_input(self) -> None:
