@@ -16,6 +16,8 @@ from typing import Any
 from imgformat.constants import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST_NAME, NAME_RE
 from imgformat.schema import MANIFEST_SCHEMA, check
 
+MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few KB; a bigger one is no manifest, and is not read
+
 # The keys checked first, with messages written for a person serving a bundle; the schema follows.
 REQUIRED = ("format", "format_version", "name", "version", "class_names", "num_classes", "input",
             "output", "preprocessing", "files")
@@ -37,11 +39,12 @@ class Bundle:
     def name(self) -> str:
         return self.manifest["name"]
 
-    def model_file(self, kind: str, precision: str) -> Path:
-        """The file of ``kind`` ("onnx"/"torchscript") and ``precision``; verified against its hash."""
+    def model_file(self, kind: str, precision: str, max_bytes: int | None = None) -> Path:
+        """The file of ``kind`` ("onnx"/"torchscript") and ``precision``; verified against its hash
+        (and refused before hashing when it is over ``max_bytes``)."""
         for fname, meta in self.manifest["files"].items():
             if meta.get("kind") == kind and meta.get("precision", "fp32") == precision:
-                return verify_file(self.path, fname, meta)
+                return verify_file(self.path, fname, meta, max_bytes)
         have = [f"{m.get('kind')}/{m.get('precision', 'fp32')}" for m in self.manifest["files"].values()]
         hint = " (re-export with --int8)" if precision == "int8" else ""
         raise BundleError(f"bundle {self.path} has no {kind}/{precision} model file{hint}; it has: {', '.join(have)}")
@@ -123,9 +126,11 @@ def load_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
     if not mpath.is_file():
         raise BundleError(f"no bundle at {root} ({MANIFEST_NAME} missing): export one with "
                           f"`python -m export runs/default/best.pt --out {root}`")
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{mpath} is {mpath.stat().st_size} bytes, over the {MAX_MANIFEST_BYTES} a manifest may have")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise BundleError(f"{mpath} is not valid JSON: {e}") from None
     return validate_manifest(manifest, mpath)
 
@@ -150,14 +155,18 @@ def file_entry(path: str | os.PathLike, kind: str, precision: str, **extra: Any)
     return {"sha256": sha256_file(path), "bytes": os.path.getsize(path), "kind": kind, "precision": precision, **extra}
 
 
-def verify_file(root: str | os.PathLike, fname: str, meta: dict[str, Any]) -> Path:
-    """Resolve ``fname`` inside ``root`` (no escaping it) and check its size and sha256."""
+def verify_file(root: str | os.PathLike, fname: str, meta: dict[str, Any], max_bytes: int | None = None) -> Path:
+    """Resolve ``fname`` inside ``root`` (no escaping it) and check its size (at most ``max_bytes``)
+    and sha256."""
     root = Path(root)
     if "/" in fname or "\\" in fname or fname in ("", ".", ".."):
         raise BundleError(f"bundle {root}: file name {fname!r} has path characters")
     path = _inside(root, fname)
     if not path.is_file():
         raise BundleError(f"bundle {root}: {fname} is listed in {MANIFEST_NAME} but missing")
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise BundleError(f"bundle {root}: {fname} is {path.stat().st_size} bytes, over the limit of {max_bytes} "
+                          "(IMGSERVE_MAX_MODEL_BYTES)")
     if "bytes" in meta and path.stat().st_size != int(meta["bytes"]):
         raise BundleError(f"bundle {root}: {fname} is {path.stat().st_size} bytes, manifest says {meta['bytes']}")
     digest = sha256_file(path)

@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+import secrets
 import urllib.request
 from pathlib import Path
 
@@ -35,12 +36,15 @@ import numpy as np
 from service import launcher
 
 log = logging.getLogger(__name__)
+# Model control through the API needs an API key (the service refuses to start without one); it is sent with every call.
+API_KEY = secrets.token_hex(16)
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def _post(url: str, doc: dict | None = None, body: bytes | None = None, headers: dict | None = None) -> dict:
     data = body if body is not None else json.dumps(doc or {}).encode()
     req = urllib.request.Request(url, data=data, method="POST",
-                                 headers=headers or {"Content-Type": "application/json"})
+                                 headers={**(headers or {"Content-Type": "application/json"}), **AUTH})
     with urllib.request.urlopen(req, timeout=120) as r:
         text = r.read()
     return json.loads(text[:int(r.headers.get("Inference-Header-Content-Length", len(text)))])
@@ -115,7 +119,8 @@ def serve_copies(bundle: Path, copies: int, port: int, out: Path) -> dict:
 
 def load_cycles(bundle: Path, cycles: int, port: int, out: Path, image: bytes) -> dict:
     srv = launcher.service_server([str(bundle)], port, out / "serve-cycles.log",
-                                  {"IMGSERVE_MODELS": f"base={bundle.resolve()}", "IMGSERVE_MODEL_CONTROL": "explicit"})
+                                  {"IMGSERVE_MODELS": f"base={bundle.resolve()}", "IMGSERVE_MODEL_CONTROL": "explicit",
+                                   "IMGSERVE_API_KEY": API_KEY, "IMGSERVE_MODEL_ROOT": str(bundle.resolve().parent)})
     loads, rss = [], []
     with srv.start():
         srv.wait_ready()

@@ -46,7 +46,9 @@ class Settings:
     max_images: int = 64
     timeout_s: int = 60
     api_key: str | None = None
-    model_control: str = "none"  # "explicit": the repository API may load and unload models
+    model_control: str = "none"  # "explicit": the repository API may load and unload models (needs api_key)
+    model_root: str | None = None  # the repository API loads bundle directories from under this one only
+    max_model_bytes: int = 2_000_000_000  # a bundle's model file over this is refused before it is read
     allow_unchecked: bool = False  # serve bundles whose gates failed or never ran
     tracing: bool = False  # OpenTelemetry spans for requests (health probes and /metrics never)
 
@@ -125,8 +127,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_pixels=_int(env, "IMGSERVE_MAX_PIXELS", 40_000_000),
         max_images=_int(env, "IMGSERVE_MAX_IMAGES", 64),
         timeout_s=_int(env, "IMGSERVE_TIMEOUT_S", 60),
-        api_key=_api_key(env),
-        model_control=_model_control(env, workers),
+        api_key=(api_key := _api_key(env)),
+        model_control=_model_control(env, workers, api_key),
+        model_root=_model_root(env),
+        max_model_bytes=_int(env, "IMGSERVE_MAX_MODEL_BYTES", 2_000_000_000),
         allow_unchecked=_bool(env, "IMGSERVE_ALLOW_UNCHECKED"),
         tracing=_bool(env, "IMGSERVE_TRACING"),
     )
@@ -148,9 +152,23 @@ def _api_key(env: Mapping[str, str]) -> str | None:
     return key
 
 
-def _model_control(env: Mapping[str, str], workers: int) -> str:
+def _model_control(env: Mapping[str, str], workers: int, api_key: str | None) -> str:
     v = _choice(env, "IMGSERVE_MODEL_CONTROL", "none", ("none", "explicit"))
+    if v == "explicit" and api_key is None:  # anyone could unload the serving model, or load their own
+        raise ConfigError("IMGSERVE_MODEL_CONTROL=explicit needs an API key: set IMGSERVE_API_KEY (or "
+                          "IMGSERVE_API_KEY_FILE), or leave model control off; refusing to start")
     if v == "explicit" and workers > 1:  # a load or unload request reaches one worker only
         raise ConfigError(f"IMGSERVE_MODEL_CONTROL=explicit needs IMGSERVE_WORKERS=1 (got {workers}): each worker "
                           "holds its own models, and a repository request would change only the one that takes it")
     return v
+
+
+def _model_root(env: Mapping[str, str]) -> str | None:
+    """IMGSERVE_MODEL_ROOT, resolved (``..`` and symlinks) once: the directory API loads must stay under."""
+    raw = env.get("IMGSERVE_MODEL_ROOT") or None
+    if raw is None:
+        return None
+    root = Path(raw).resolve()
+    if not root.is_dir():
+        raise ConfigError(f"IMGSERVE_MODEL_ROOT={raw!r} is not a directory")
+    return str(root)

@@ -115,7 +115,7 @@ def load_model(src: ModelSource, settings: Settings, executor: Executor) -> Serv
     precision = settings.precision
     _check_gates(bundle, name, precision, settings.allow_unchecked)
     kind = _KIND[settings.backend]
-    path = bundle.model_file(kind, precision)  # verifies size and sha256 before anything loads it
+    path = bundle.model_file(kind, precision, settings.max_model_bytes)  # size and sha256, before anything loads it
     backend = create_backend(settings.backend, path, threads=settings.threads, device=settings.device)
     pre = Preprocessor.from_manifest(bundle.manifest["preprocessing"], max_pixels=settings.max_pixels)
     batcher = create_batcher(settings.batcher, model=name, run=backend.run, executor=executor,

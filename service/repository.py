@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -34,6 +36,7 @@ from service.models import ServedModel, load_ready_model, malloc_trim
 
 logger = logging.getLogger(__name__)
 MAX_VALUES = 64  # JSON values in a repository request: a few parameters
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.<>])/[^\s'\",:()]+")
 
 
 class ModelRepository:
@@ -56,10 +59,10 @@ class ModelRepository:
     async def load(self, name: str, params: dict) -> ServedModel:
         if not NAME_RE.match(name):
             raise Refused(f"model name {name!r} must match {NAME_RE.pattern}", 400, "bad_model_name")
-        src = _source(name, params) or self.sources.get(name)
+        src = _under_root(name, _source(name, params), self.svc.settings.model_root) or self.sources.get(name)
         if src is None:
             raise Refused(f"model {name!r} is not known here: give its bundle, "
-                          '{"parameters": {"bundle": "/path/to/bundle"}} or {"parameters": {"store": "TAG"}}',
+                          '{"parameters": {"bundle": "DIR under the model root"}} or {"parameters": {"store": "TAG"}}',
                           400, "bad_load")
         async with self._lock:
             t0 = time.perf_counter()
@@ -67,7 +70,8 @@ class ModelRepository:
                 new = await anyio.to_thread.run_sync(load_ready_model, src, self.svc.settings, self.svc.infer_executor)
             except Exception as e:  # a bundle that fails a check is the caller's to fix; the old version stays
                 logger.warning("load of model %s from %s refused: %s", name, src.location, e)
-                raise Refused(f"model {name!r} not loaded from {src.location!r}: {e}", 400, "bad_bundle") from None
+                raise Refused(f"model {name!r} not loaded: {_without_paths(str(e), src, self.svc.settings)}", 400,
+                              "bad_bundle") from None
             before = self.models[name].version if name in self.models else None
             self.sources[name] = src
             self.unavailable.pop(name, None)
@@ -135,6 +139,35 @@ def _source(name: str, params: dict) -> ModelSource | None:
                 raise Refused(f"parameters.{key} must be a non-empty string", 400, "bad_load")
             return ModelSource(name, value, store=key == "store")
     return None
+
+
+def _under_root(name: str, src: ModelSource | None, root: str | None) -> ModelSource | None:
+    """A requested bundle directory, resolved (``..``, symlinks) and checked to lie under the model
+    root; a relative one is taken relative to the root. Store tags pass (BentoML checks them)."""
+    if src is None or src.store:
+        return src
+    if root is None:
+        raise Refused(f"model {name!r}: loading a bundle directory through the API needs IMGSERVE_MODEL_ROOT on "
+                      "the server; a BentoML store tag ({\"parameters\": {\"store\": TAG}}) needs none", 403,
+                      "outside_model_root")
+    try:
+        path = (Path(root) / src.location).resolve()  # an absolute location replaces the root here
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        path = None
+    if path is None or not path.is_relative_to(root):
+        raise Refused(f"model {name!r}: the bundle must be a directory under the server's model root "
+                      "(IMGSERVE_MODEL_ROOT), given relative to it", 403, "outside_model_root")
+    return ModelSource(src.name, str(path))
+
+
+def _without_paths(message: str, src: ModelSource, settings: Any) -> str:
+    """A load error as the client may read it: no server path (the bundle and the model root by
+    name, any other absolute path, such as a model-store entry's, as ``<path>``)."""
+    for path, shown in sorted(((src.location, "<bundle>"), (settings.model_root or "", "<model root>")),
+                              key=lambda p: -len(p[0])):
+        if path:
+            message = message.replace(path, shown)
+    return _ABSOLUTE_PATH.sub("<path>", message)
 
 
 # -- routes --------------------------------------------------------------------------------------

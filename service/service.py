@@ -13,6 +13,7 @@ import hmac
 import io
 import logging
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,13 +29,13 @@ from starlette.routing import Route
 import bentoml
 from imgformat.bundle import BundleError
 from imgformat.preprocess import ImageError, stack
-from service import metrics, oip, onewrite, repository, timeouts
-from service.answer import RequestId, answer, current_service
+from service import access, metrics, oip, onewrite, repository, timeouts
+from service.answer import RequestId, answer, current_service, overloaded, refused
 from service.batching import Overloaded
 from service.config import Settings, load_settings
 from service.errors import Refused as _Refused
 from service.io import (MAX_IMAGES, TOO_LARGE_KEY, BadField, ClassifyBatchInput, ClassifyBatchOutput, ClassifyInput,
-                        ClassifyOutput, error_response, json_response)
+                        ClassifyOutput, json_response)
 from service.models import ServedModel, load_models, top_k
 from service.pages import PagesMiddleware
 from service.route import FormRoute, LeanRoute
@@ -44,12 +45,13 @@ logger = logging.getLogger(__name__)
 SETTINGS: Settings = load_settings()
 onewrite.install()  # each answer in one socket write: a killed replica sends all of it or nothing
 timeouts.install()  # the request timeout's timer goes with its request, not 60 s later
-PROTECTED = ("/classify", "/v2/repository")  # prefixes that need the API key when one is set
+_BYTE_COUNT = re.compile(rb"[0-9]{1,18}")  # a Content-Length int() reads instantly
 INLINE_DECODE_PIXELS = 128 * 128  # decode smaller images on the event loop (well under 1 ms)
 
 
 class GuardMiddleware:
-    """ASGI: body-size limit (413) and optional API key (401) before BentoML sees the request.
+    """ASGI: the API key (401; every route but ``service.access``'s public list) and the body-size
+    limit (413) before BentoML sees the request, and early shedding (503) for inference.
 
     BentoML reserves 401 for itself and parses the whole body before the API runs, so both checks
     belong in front of it. The key is compared in constant time and never logged.
@@ -61,18 +63,16 @@ class GuardMiddleware:
         self.key = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not _protected(scope["path"]):
+        if scope["type"] != "http" or access.is_public(scope["method"], scope["path"]):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         if self.key is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.key):
-            metrics.ERRORS.labels(kind="unauthorized").inc()
-            return await error_response("missing or wrong API key: send 'Authorization: Bearer <IMGSERVE_API_KEY>'",
-                                        401)(scope, receive, send)
+            return await refused(_Refused("missing or wrong API key: send 'Authorization: Bearer <IMGSERVE_API_KEY>'",
+                                          401, "unauthorized"))(scope, receive, send)
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            metrics.ERRORS.labels(kind="body_too_large").inc()
+        if length is not None and (not _BYTE_COUNT.fullmatch(length) or int(length) > self.max_body):
             return await self._too_large(scope, receive, send)
-        shed = None if scope["path"].startswith("/v2/repository") else _shed_early()
+        shed = _shed_early() if _inference(scope["path"]) else None
         if shed is not None:
             # Every model is over its latency budget: refuse before BentoML parses the form, the
             # costliest part of a refusal. The body is drained first (it is within the size limit):
@@ -84,7 +84,7 @@ class GuardMiddleware:
                 if not msg.get("more_body") or seen > self.max_body:
                     break
             metrics.ERRORS.labels(kind="overloaded").inc()
-            return await error_response(str(shed), 503, retry_after=shed.retry_after)(scope, receive, send)
+            return await overloaded(shed)(scope, receive, send)
         seen = 0
 
         async def limited_receive() -> dict:
@@ -100,8 +100,8 @@ class GuardMiddleware:
         await self.app(scope, limited_receive, send)
 
     async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
-        await error_response(f"request body is over the limit of {self.max_body} bytes (IMGSERVE_MAX_BODY_BYTES)",
-                             413)(scope, receive, send)
+        await refused(_Refused(f"request body is over the limit of {self.max_body} bytes (IMGSERVE_MAX_BODY_BYTES)",
+                               413, "body_too_large"))(scope, receive, send)
 
 
 async def _models_view(request: Request) -> Response:
@@ -111,9 +111,9 @@ async def _models_view(request: Request) -> Response:
     return await answer(work, "GET /models")
 
 
-def _protected(path: str) -> bool:
-    """/classify*, the model repository API and OIP inference; OIP health and metadata stay open (probes)."""
-    return path.startswith(PROTECTED) or (path.startswith("/v2/models/") and path.endswith("/infer"))
+def _inference(path: str) -> bool:
+    """/classify* and OIP inference: the routes that early shedding refuses when every model is full."""
+    return path.startswith("/classify") or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
 
 # GET routes and the Open Inference Protocol (BentoML APIs are POST-only multipart/JSON with

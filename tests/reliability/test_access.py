@@ -83,7 +83,7 @@ def test_key_compared_in_constant_time(monkeypatch) -> None:
     sent = []
 
     async def run(auth: bytes) -> None:
-        scope = {"type": "http", "path": "/classify", "headers": [(b"authorization", auth)]}
+        scope = {"type": "http", "method": "POST", "path": "/classify", "headers": [(b"authorization", auth)]}
 
         async def receive():
             return {"type": "http.request", "body": b"", "more_body": False}

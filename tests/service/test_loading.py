@@ -24,8 +24,10 @@ def test_parse_models() -> None:
                                      ({"IMGSERVE_BATCHER": "x"}, "bentoml, eager"),
                                      ({"IMGSERVE_MODELS": ","}, "IMGSERVE_MODELS is empty"),
                                      ({"IMGSERVE_WORKERS": "many"}, "not an integer"),
-                                     ({"IMGSERVE_WORKERS": "2", "IMGSERVE_MODEL_CONTROL": "explicit"},
-                                      "needs IMGSERVE_WORKERS=1")])
+                                     ({"IMGSERVE_WORKERS": "2", "IMGSERVE_MODEL_CONTROL": "explicit",
+                                       "IMGSERVE_API_KEY": "k"}, "needs IMGSERVE_WORKERS=1"),
+                                     ({"IMGSERVE_MODEL_CONTROL": "explicit"}, "explicit needs an API key"),
+                                     ({"IMGSERVE_MODEL_ROOT": "/no/such/dir"}, "is not a directory")])
 def test_bad_settings_name_the_fix(env: dict, msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):
         load_settings(env)

@@ -246,10 +246,11 @@ def test_repository_off_by_default(client, server):
     assert client.is_model_ready("second")
 
 
-def test_api_key_guards_infer_and_repository(strict_server, files):
+def test_api_key_guards_infer_metadata_and_repository(strict_server, files):
     url = strict_server.url
     assert httpx.get(url + "/v2/health/ready").status_code == 200  # probes stay open
-    assert httpx.get(url + "/v2/models/digits").status_code == 200
+    assert httpx.get(url + "/v2/models/digits").status_code == 401  # metadata too needs the key (default-deny)
+    assert httpx.get(url + "/v2/models/digits", headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
     assert _infer_json(url, _bytes_doc(files[:1])).status_code == 401
     assert httpx.post(url + "/v2/repository/index").status_code == 401
     key = {"Authorization": "Bearer s3cret-key"}

@@ -23,6 +23,23 @@ from tritonclient.utils import InferenceServerException
 
 from service.launcher import rss_mib, start_service
 from svc_factory import digit_uploads, png_bytes
+from tritonclient._plugin import InferenceServerClientPlugin
+
+KEY = "repo-s3cret"  # model control through the API needs an API key (the service refuses to start without)
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+class BearerKey(InferenceServerClientPlugin):
+    """tritonclient sends the API key with every call."""
+
+    def __call__(self, request) -> None:
+        request.headers.update(AUTH)
+
+
+def _triton(url: str) -> th.InferenceServerClient:
+    c = th.InferenceServerClient(url.removeprefix("http://"))
+    c.register_plugin(BearerKey())
+    return c
 
 
 def _rehash(bundle: Path, fname: str, **manifest_changes) -> None:
@@ -55,7 +72,9 @@ def bundle_v2(bundle, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def repo_server(bundle, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("svc-repo")
-    env = {"IMGSERVE_MODELS": str(bundle), "IMGSERVE_MODEL_CONTROL": "explicit"}
+    # Every bundle these tests load lies under pytest's base temporary directory: the model root.
+    env = {"IMGSERVE_MODELS": str(bundle), "IMGSERVE_MODEL_CONTROL": "explicit", "IMGSERVE_API_KEY": KEY,
+           "IMGSERVE_MODEL_ROOT": str(tmp_path_factory.getbasetemp())}
     srv = start_service(env, tmp / "serve.log", tmp / "bentoml_home")
     yield srv
     srv.stop()
@@ -63,7 +82,7 @@ def repo_server(bundle, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(repo_server) -> th.InferenceServerClient:
-    return th.InferenceServerClient(repo_server.url.removeprefix("http://"))
+    return _triton(repo_server.url)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +99,8 @@ def _logits(client: th.InferenceServerClient, image: bytes, model: str = "digits
 
 
 def _load(url: str, name: str, **params) -> httpx.Response:
-    return httpx.post(f"{url}/v2/repository/models/{name}/load", json={"parameters": params}, timeout=60)
+    return httpx.post(f"{url}/v2/repository/models/{name}/load", json={"parameters": params}, headers=AUTH,
+                      timeout=60)
 
 
 def test_load_switches_version_everywhere(client, repo_server, bundle, bundle_v2, image):
@@ -91,7 +111,7 @@ def test_load_switches_version_everywhere(client, repo_server, bundle, bundle_v2
     v, logits2 = _logits(client, image)
     assert v == "2"
     np.testing.assert_allclose(logits2, 2 * logits1, rtol=1e-6)
-    r = httpx.post(repo_server.url + "/classify", files={"image": ("d.png", image, "image/png")})
+    r = httpx.post(repo_server.url + "/classify", files={"image": ("d.png", image, "image/png")}, headers=AUTH)
     assert r.json()["version"] == "2"
     assert client.get_model_repository_index() == [{"name": "digits", "version": "2", "state": "READY", "reason": ""}]
     assert _load(repo_server.url, "digits", bundle=str(bundle)).json() == {"name": "digits", "version": "1"}
@@ -141,7 +161,7 @@ def test_unload_and_reload(client, repo_server, bundle, image):
         _logits(client, image, "extra")
     assert {"name": "extra", "state": "UNAVAILABLE", "reason": "unloaded"} in client.get_model_repository_index()
     assert client.get_model_repository_index(query_params=None) and \
-        httpx.post(repo_server.url + "/v2/repository/index", json={"ready": True}).json()[0]["name"] == "digits"
+        httpx.post(repo_server.url + "/v2/repository/index", json={"ready": True}, headers=AUTH).json()[0]["name"] == "digits"
     with pytest.raises(InferenceServerException, match="not loaded"):
         client.unload_model("extra")
     client.load_model("extra")  # no parameters: reload from where it came from
@@ -157,8 +177,8 @@ def test_swap_under_closed_loop_of_8_clients(client, repo_server, bundle, bundle
     stop, answers, lock = threading.Event(), [], threading.Lock()
 
     def loop(i: int) -> None:
-        c = th.InferenceServerClient(repo_server.url.removeprefix("http://"))
-        with httpx.Client(base_url=repo_server.url, timeout=60) as h:
+        c = _triton(repo_server.url)
+        with httpx.Client(base_url=repo_server.url, timeout=60, headers=AUTH) as h:
             n = 0
             while not stop.is_set():
                 n += 1
@@ -215,3 +235,61 @@ def test_load_unload_cycles_do_not_grow_memory(client, repo_server, bundle, imag
 def _softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z.astype(np.float64) - z.max())
     return e / e.sum()
+
+
+def test_loads_stay_under_the_model_root(repo_server, bundle_v2, tmp_path_factory, tmp_path):
+    """Outside the root (absolute, ``..``, a symlink pointing out) is a 403 that names the model and
+    no server path; inside it, a path relative to the root loads."""
+    root = tmp_path_factory.getbasetemp()
+    outside = Path("/tmp") / f"imgserve-outside-{tmp_path.name}"
+    shutil.copytree(bundle_v2, outside)
+    link = tmp_path / "link-out"
+    link.symlink_to(outside)
+    try:
+        for where in (str(outside), str(root / ".." / outside.name), str(link), "/etc", "../../etc", str(root) + "x"):
+            r = _load(repo_server.url, "sneaky", bundle=where)
+            assert r.status_code == 403, (where, r.text)
+            msg = r.json()["error"]
+            assert "'sneaky'" in msg and "IMGSERVE_MODEL_ROOT" in msg and str(root) not in msg and "/tmp" not in msg, msg
+    finally:
+        shutil.rmtree(outside)
+    r = _load(repo_server.url, "inside", bundle=str(bundle_v2.relative_to(root)))
+    assert r.status_code == 200 and r.json() == {"name": "inside", "version": "2"}, r.text
+    assert httpx.post(f"{repo_server.url}/v2/repository/models/inside/unload", headers=AUTH, timeout=60).status_code == 200
+
+
+def test_load_errors_name_the_model_never_a_path(repo_server, bundle_v2, tmp_path, tmp_path_factory):
+    """A manifest over 1 MiB is not read, and the errors a client reads carry no server path."""
+    big = tmp_path / "big-manifest"
+    shutil.copytree(bundle_v2, big)
+    (big / "manifest.json").write_text(json.dumps({"pad": "x" * (1 << 20)}))
+    tampered = tmp_path / "tampered2"
+    shutil.copytree(bundle_v2, tampered)
+    with open(tampered / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    cases = {"manifest over the cap": (big, "over the 1048576 a manifest may have"),
+             "missing": (tmp_path / "missing", "manifest.json missing"),
+             "tampered": (tampered, "bytes, manifest says")}
+    for case, (where, words) in cases.items():
+        r = _load(repo_server.url, "m1", bundle=str(where))
+        msg = r.json()["error"]
+        assert r.status_code == 400 and words in msg and "'m1'" in msg, (case, r.text)
+        assert str(tmp_path_factory.getbasetemp()) not in msg and "/tmp" not in msg, (case, msg)
+
+
+def test_model_files_over_the_cap_are_refused_before_hashing(bundle, tmp_path):
+    """IMGSERVE_MAX_MODEL_BYTES: a model file bigger than the cap is refused from its size."""
+    from imgformat.bundle import BundleError, load_bundle
+
+    b = load_bundle(bundle)
+    size = (bundle / "model.onnx").stat().st_size
+    assert b.model_file("onnx", "fp32", max_bytes=size).name == "model.onnx"
+    with pytest.raises(BundleError, match="IMGSERVE_MAX_MODEL_BYTES"):
+        b.model_file("onnx", "fp32", max_bytes=size - 1)
+
+
+def test_explicit_control_without_a_key_refuses_to_start(bundle, tmp_path):
+    env = {"IMGSERVE_MODELS": str(bundle), "IMGSERVE_MODEL_CONTROL": "explicit"}
+    with pytest.raises(RuntimeError, match="exited"):
+        start_service(env, tmp_path / "serve.log", tmp_path / "home", timeout_s=60)
+    assert "IMGSERVE_MODEL_CONTROL=explicit needs an API key" in (tmp_path / "serve.log").read_text()
