@@ -29,7 +29,7 @@ from starlette.routing import Route
 import bentoml
 from imgformat.bundle import BundleError
 from imgformat.preprocess import ImageError, stack
-from service import access, metrics, oip, onewrite, repository, timeouts
+from service import access, metrics, metrics_labels, oip, onewrite, repository, timeouts
 from service.answer import RequestId, answer, current_service, overloaded, refused
 from service.batching import Overloaded
 from service.config import Settings, load_settings
@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 SETTINGS: Settings = load_settings()
 onewrite.install()  # each answer in one socket write: a killed replica sends all of it or nothing
 timeouts.install()  # the request timeout's timer goes with its request, not 60 s later
+metrics_labels.install()  # HTTP metrics labelled by route template: no path a client invents adds series
 _BYTE_COUNT = re.compile(rb"[0-9]{1,18}")  # a Content-Length int() reads instantly
 INLINE_DECODE_PIXELS = 128 * 128  # decode smaller images on the event loop (well under 1 ms)
 
