@@ -198,6 +198,11 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
                     media_type="application/json", headers=headers)
 
 
+MAX_ERROR_CHARS = 500  # messages quote what the client sent (names, values): never echo a whole body back
+
+
 def error_response(message: str, status: int, **extra: Any) -> Response:
     headers = {"Retry-After": str(extra.pop("retry_after"))} if "retry_after" in extra else None
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[:MAX_ERROR_CHARS - 3] + "..."
     return json_response({"error": message, **extra}, status, headers)
