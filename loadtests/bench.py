@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     threads = a.threads
     if threads is None:
-        from service.backends import cpu_count
+        from service.cpus import cpu_count
         threads = cpu_count()
     inproc = None
     if not a.no_inproc and not (a.server_cmd and not (a.bundle / "manifest.json").is_file()):

@@ -10,7 +10,6 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -53,14 +52,6 @@ def create_backend(name: str, path: Path, *, threads: int, device: str = "auto")
     except KeyError:
         raise ValueError(f"unknown backend {name!r}; valid: {', '.join(list_backends())}") from None
     return cls(path, threads=threads, device=device)
-
-
-def cpu_count() -> int:
-    """Cores this process may use (cgroup/affinity aware)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from service.backends import cpu_count
+from service.cpus import cpu_count
 
 DEFAULT_MODELS = "bundles/default"
 

@@ -47,6 +47,7 @@ class ServedModel:
                 "num_classes": len(self.class_names), "class_names": self.class_names, "input": m["input"],
                 "preprocessing": m["preprocessing"], "backend": self.backend.name, "precision": precision,
                 "file": self.file.name, "device": self.backend.device, "providers": list(self.backend.providers),
+                "intra_op_threads": self.backend_threads,
                 "max_batch_size": self.batcher.max_batch_size,
                 "batches_on": "event_loop" if getattr(self.batcher, "inline", False) else "inference_thread"}
 

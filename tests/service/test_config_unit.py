@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.backends import cpu_count
+from service.cpus import cpu_count
 from service.config import ConfigError, Settings, load_settings, parse_models
 
 

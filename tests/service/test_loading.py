@@ -34,7 +34,7 @@ def test_bad_settings_name_the_fix(env: dict, msg: str) -> None:
 
 
 def test_workers_share_the_cores() -> None:
-    from service.backends import cpu_count
+    from service.cpus import cpu_count
 
     assert load_settings({}).workers == 1 and load_settings({}).threads == cpu_count()
     s = load_settings({"IMGSERVE_WORKERS": "cores"})
