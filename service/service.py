@@ -64,10 +64,13 @@ class GuardMiddleware:
         self.key = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket" and not self._authorized(dict(scope["headers"])):
+            metrics.ERRORS.labels(kind="unauthorized").inc()
+            return await send({"type": "websocket.close", "code": 1008})  # policy violation, before accept
         if scope["type"] != "http" or access.is_public(scope["method"], scope["path"]):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.key is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.key):
+        if not self._authorized(headers):
             return await refused(_Refused("missing or wrong API key: send 'Authorization: Bearer <IMGSERVE_API_KEY>'",
                                           401, "unauthorized"))(scope, receive, send)
         length = headers.get(b"content-length")
@@ -99,6 +102,9 @@ class GuardMiddleware:
             return msg
 
         await self.app(scope, limited_receive, send)
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        return self.key is None or hmac.compare_digest(headers.get(b"authorization", b""), self.key)
 
     async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
         await refused(_Refused(f"request body is over the limit of {self.max_body} bytes (IMGSERVE_MAX_BODY_BYTES)",

@@ -98,3 +98,32 @@ def test_key_compared_in_constant_time(monkeypatch) -> None:
     assert calls == [(b"Bearer wrong", f"Bearer {API_KEY}".encode()), (f"Bearer {API_KEY}".encode(),) * 2], calls
     assert reached == ["/classify"], "the wrong key reached the app, or the right one did not"
     assert sent[0]["status"] == 401
+
+
+def test_websockets_need_the_key_too() -> None:
+    """Default-deny covers a websocket route someone adds later: without the key the guard closes
+    the handshake (1008, policy violation) before the app sees it; with it the app gets the scope."""
+    import asyncio
+
+    from service import service as svc_module
+
+    reached, sent = [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    guard = svc_module.GuardMiddleware(app, max_body_bytes=1000, api_key=API_KEY)
+
+    async def run(headers: list) -> None:
+        async def receive():
+            return {"type": "websocket.connect"}
+
+        async def send(msg):
+            sent.append(msg)
+
+        await guard({"type": "websocket", "path": "/ws", "headers": headers}, receive, send)
+
+    asyncio.run(run([]))
+    assert sent == [{"type": "websocket.close", "code": 1008}] and reached == []
+    asyncio.run(run([(b"authorization", f"Bearer {API_KEY}".encode())]))
+    assert reached == ["/ws"]

@@ -59,3 +59,18 @@ def test_api_key_file_is_read_and_never_shown(tmp_path) -> None:
     f.write_text("  hunter2\n")
     s = load_settings({"IMGSERVE_API_KEY_FILE": str(f)})
     assert s.api_key == "hunter2" and "hunter2" not in repr(s) and isinstance(s, Settings)
+
+
+def test_tracing_switch_excludes_what_it_says() -> None:
+    """OpenTelemetry matches excluded_urls anywhere in the full URL: "/" excluded everything. Off
+    (default) excludes every URL on purpose; on excludes only the probes and /metrics."""
+    from opentelemetry.util.http import ExcludeList
+
+    from service.service import TRACED_NONE, TRACED_NOT
+
+    off, on = ExcludeList(TRACED_NONE), ExcludeList(TRACED_NOT)
+    for path in ("/livez", "/readyz", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready"):
+        assert on.url_disabled(f"http://127.0.0.1:3000{path}") and off.url_disabled(f"http://127.0.0.1:3000{path}")
+    for path in ("/classify", "/v2/models/digits/infer", "/", "/v2/repository/index", "/livez-not", "/metrics/x"):
+        assert not on.url_disabled(f"http://127.0.0.1:3000{path}"), path
+        assert off.url_disabled(f"http://127.0.0.1:3000{path}"), path
