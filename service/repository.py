@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -31,7 +31,7 @@ from service import jsonbounds
 from service.answer import answer, current_service
 from service.config import ModelSource
 from service.errors import Refused
-from service.io import json_response
+from service.io import TOO_LARGE_KEY, json_response
 from service.models import ServedModel, load_ready_model, malloc_trim
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,13 @@ def _without_paths(message: str, src: ModelSource, settings: Any) -> str:
 
 # -- routes --------------------------------------------------------------------------------------
 async def _json(request: Request) -> dict:
-    body = await request.body()
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        if TOO_LARGE_KEY not in request.scope:
+            raise  # the client went away
+        raise Refused(f"request body is over the limit of {request.scope[TOO_LARGE_KEY]} bytes "
+                      "(IMGSERVE_MAX_BODY_BYTES)", 413, "body_too_large") from None
     if not body.strip():
         return {}
     doc = jsonbounds.loads(body, "the request body", MAX_VALUES)

@@ -63,6 +63,13 @@ def test_malformed_request_is_a_fast_4xx(wide_server, name: str) -> None:
     print(f"{name}: {r.status_code} in {took * 1000:.1f} ms")
 
 
+def test_chunked_repository_body_over_the_limit_is_413(wide_server) -> None:
+    """No Content-Length: the guard ends the stream at the limit, and the repository says 413."""
+    chunks = iter([b'{"ready": "'] + [b"x" * 1_000_000] * 25)
+    r = httpx.post(wide_server.url + "/v2/repository/index", content=chunks, headers=AUTH, timeout=30)
+    assert r.status_code == 413 and "IMGSERVE_MAX_BODY_BYTES" in r.json()["error"], r.text
+
+
 def test_every_path_answers_with_a_request_id(wide_server) -> None:
     """BentoML's own routes, the lean route (a 400 from /classify), OIP, the repository and the
     guard's 401; a tame id the client sent comes back as it was, anything else is replaced."""
