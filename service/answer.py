@@ -4,8 +4,9 @@ BentoML's form APIs (/classify, /classify_batch, through the lean route or Bento
 Open Inference Protocol routes and the model repository all run their work through ``answer``:
 a ``Refused`` becomes its 4xx JSON (counted in ``imgserve_errors`` by kind), ``Overloaded`` a 503
 with ``Retry-After``, anything else a logged 500 with a fixed message (no exception text, no
-server path). Every answer of the service carries a request id: ``RequestId`` (the outermost of
-our ASGI middlewares) adds it, also to BentoML's own answers and the guard's refusals.
+server path). Every answer of the service carries a request id: ``RequestId``, installed right inside
+BentoML's outermost middleware (service/metrics_labels.py), adds it, also to BentoML's own answers
+(its 404/405s, its timeout's 504) and the guard's refusals.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from typing import Any
 from bentoml._internal.server.http import instruments
 from starlette.routing import compile_path
 
+from service.answer import RequestId
 from service.routemap import served_routes
 
 UNKNOWN = "unmatched"  # the endpoint label of every path no route serves
@@ -46,7 +47,10 @@ class RouteLabelledTrafficMetrics(instruments.RunnerTrafficMetricsMiddleware):
     """BentoML's traffic metrics, with ``endpoint`` = the route template of the request."""
 
     def __init__(self, app: Any, **kwargs: Any) -> None:
-        super().__init__(_RestorePath(app), **kwargs)
+        # This is the outermost middleware BentoML installs; the request id goes on right inside it,
+        # so BentoML's own answers from the layers between here and our middlewares (its timeout's
+        # 504, its concurrency limit's 503) carry one too.
+        super().__init__(_RestorePath(RequestId(app)), **kwargs)
         self._labels: RouteLabels | None = None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:

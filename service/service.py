@@ -30,7 +30,7 @@ import bentoml
 from imgformat.bundle import BundleError
 from imgformat.preprocess import ImageError, stack
 from service import access, metrics, metrics_labels, oip, onewrite, repository, timeouts
-from service.answer import RequestId, answer, current_service, overloaded, refused
+from service.answer import answer, current_service, overloaded, refused
 from service.batching import Overloaded
 from service.config import Settings, load_settings
 from service.errors import Refused as _Refused
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 SETTINGS: Settings = load_settings()
 onewrite.install()  # each answer in one socket write: a killed replica sends all of it or nothing
 timeouts.install()  # the request timeout's timer goes with its request, not 60 s later
-metrics_labels.install()  # HTTP metrics labelled by route template: no path a client invents adds series
+metrics_labels.install()  # HTTP metrics by route template (no path a client invents adds series); request ids
 _BYTE_COUNT = re.compile(rb"[0-9]{1,18}")  # a Content-Length int() reads instantly
 INLINE_DECODE_PIXELS = 128 * 128  # decode smaller images on the event loop (well under 1 ms)
 
@@ -319,7 +319,6 @@ FORM_ROUTES = {"/classify": FormRoute("classify", ClassifyInput, "image", MAX_IM
 OIP_ROUTES = {oip.INFER_PATH: oip.answer_infer}
 OIP_BUDGETS = {oip.INFER_PATH: oip.infer_values_budget}
 
-ImgServe.add_asgi_middleware(RequestId)  # outermost of ours: every answer below carries the id
 ImgServe.add_asgi_middleware(GuardMiddleware, max_body_bytes=SETTINGS.max_body_bytes, api_key=SETTINGS.api_key)
 ImgServe.add_asgi_middleware(LeanRoute, routes=FORM_ROUTES, patterns=OIP_ROUTES, budgets=OIP_BUDGETS,
                              server_header="BentoML Service/imgserve")
