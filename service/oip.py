@@ -127,10 +127,10 @@ async def answer_infer(scope: dict, body: bytes | None, name: str, version: str 
         if body is None:
             raise Refused(f"request body is over the limit of {scope[TOO_LARGE_KEY]} bytes "
                           "(IMGSERVE_MAX_BODY_BYTES)", 413, "body_too_large")
-        # No await between resolving the model and admission: a version switch never lands between
-        # the two, so this request runs wholly on one version.
+        req = await _parse(svc, _resolve(svc, name, version), body, header(scope, _HEADER_LENGTH_KEY))
+        # Resolved again after the parse's await: no await between this and admission, so a version
+        # switch never lands between the two and this request runs wholly on one version.
         model = _resolve(svc, name, version)
-        req = await _parse(svc, model, body, header(scope, _HEADER_LENGTH_KEY))
         tensor, n = _one_input(model, req, svc.settings.max_images)
         outputs = _requested(model, req)
         with model.batcher.admitted(n):
