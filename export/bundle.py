@@ -23,11 +23,13 @@ import torch
 
 from export.backends import cuda_available, ort_backend, torch_backend
 from export.errors import ExportError, GateError
-from export.onnx_export import DEFAULT_OPSET, export_onnx, export_torchscript
+from export import explain
+from export.onnx_export import DEFAULT_OPSET, OUTPUT_NAME, export_onnx, export_torchscript
 from export.parity import Tolerances, format_table, parity_gate
 from export.samples import SamplesError, resolve_samples
 from export.wrap import wrap_model
 import imgformat.bundle as mf
+from imgformat.cam import FEATURES_OUTPUT, WEIGHTS_FILE
 from imgformat.constants import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, NAME_RE
 
 log = logging.getLogger(__name__)
@@ -161,8 +163,10 @@ def publish(tmp: Path, out: Path) -> None:
 
 
 def run_parity(ckpt: dict[str, Any], wrapped: torch.nn.Module, tmp: Path, opts: ExportOptions,
-               echo: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Write model.onnx and model.ts into ``tmp`` and run the gate. Returns (files entries, report)."""
+               echo: Callable[[str], None], model: torch.nn.Module | None = None
+               ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Write model.onnx and model.ts into ``tmp`` and run the gates (logits, and the CAM heatmaps
+    when the architecture has them). Returns (files entries, parity report, explain section)."""
     try:
         samples = resolve_samples(ckpt, opts.samples, split="test", samples_dir=opts.samples_dir,
                                   data_dir=opts.data_dir, seed=opts.seed)
@@ -171,7 +175,12 @@ def run_parity(ckpt: dict[str, Any], wrapped: torch.nn.Module, tmp: Path, opts: 
     # batch 2 as the tracing example: batch 1 could be specialised into the graph
     example = torch.from_numpy(np.ascontiguousarray(samples.images[:1].repeat(2, axis=0)))
     onnx_path, ts_path = tmp / "model.onnx", tmp / "model.ts"
-    exporter, opset = export_onnx(wrapped, example, onnx_path, opset=opts.opset, exporter=opts.exporter)
+    split, why_not = explain.split_model(ckpt["model"]["name"], model if model is not None else wrapped.model,
+                                         wrapped_input_chw(samples.images))
+    graph = explain.CamClassifier(wrapped, split).eval() if split is not None else wrapped
+    outputs = (OUTPUT_NAME, FEATURES_OUTPUT) if split is not None else (OUTPUT_NAME,)
+    exporter, opset = export_onnx(graph, example, onnx_path, opset=opts.opset, exporter=opts.exporter,
+                                  outputs=outputs)
     reloaded = export_torchscript(wrapped, example, ts_path)
 
     backends = {"torchscript": torch_backend(reloaded), "onnxruntime_cpu": ort_backend(onnx_path)}
@@ -196,7 +205,30 @@ def run_parity(ckpt: dict[str, Any], wrapped: torch.nn.Module, tmp: Path, opts: 
         "model.onnx": mf.file_entry(onnx_path, "onnx", "fp32", opset=opset, exporter=exporter),
         "model.ts": mf.file_entry(ts_path, "torchscript", "fp32", exporter="torch.jit.trace"),
     }
-    return files, report
+    return files, report, explain_gate(wrapped, split, why_not, onnx_path, samples.images, tmp, opts, echo)
+
+
+def explain_gate(wrapped: torch.nn.Module, split: Any, why_not: str, onnx_path: Path, images: np.ndarray,
+                 tmp: Path, opts: ExportOptions, echo: Callable[[str], None]) -> dict[str, Any]:
+    """The manifest's ``explain`` section: CAM weights written and their heatmaps gated, or why not."""
+    if split is None:
+        echo(f"explanations: none ({why_not})")
+        return explain.explain_section(None, why_not)
+    weights = explain.write_weights(split, tmp)
+    inputs = {"real": images, "random": explain.random_inputs(images, min(len(images), 16), opts.seed)}
+    cam = explain.cam_parity(wrapped, split, onnx_path, weights, inputs, opts.atol)
+    worst = max(r["heatmap_max_abs"] for r in cam["results"])
+    echo(f"explanations: CAM from {split[3]}, heatmap parity ONNX vs PyTorch max |diff| {worst:.2e} "
+         f"(atol {opts.atol}) on real and random inputs: passed")
+    with torch.inference_mode():
+        shape = list(split[0](torch.zeros(1, *wrapped_input_chw(images))).shape[1:])
+    entry = mf.file_entry(tmp / WEIGHTS_FILE, "weights", "fp32")
+    return explain.explain_section(split, "", {k: entry[k] for k in ("sha256", "bytes")}, shape, cam)
+
+
+def wrapped_input_chw(images: np.ndarray) -> tuple[int, int, int]:
+    """(N, H, W, C) samples -> the model's (C, H, W)."""
+    return images.shape[3], images.shape[1], images.shape[2]
 
 
 def build_manifest(ckpt: dict[str, Any], checkpoint: Path, name: str, version: str, files: dict[str, Any],
@@ -248,8 +280,8 @@ def export_bundle(checkpoint: str | os.PathLike, out: str | os.PathLike, options
     try:
         torch.manual_seed(opts.seed)
         wrapped = wrap_model(model, ckpt["preprocess"])
-        files, parity = run_parity(ckpt, wrapped, tmp, opts, echo)
-        extra: dict[str, Any] = {}
+        files, parity, explain_info = run_parity(ckpt, wrapped, tmp, opts, echo, model)
+        extra: dict[str, Any] = {"explain": explain_info}
         if opts.int8:
             from export.quantize import quantize_bundle
 

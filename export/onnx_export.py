@@ -35,31 +35,35 @@ def _quiet():
         yield
 
 
-def _export_dynamo(module: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+def _export_dynamo(module: torch.nn.Module, example: torch.Tensor, path: Path, opset: int,
+                   outputs: tuple[str, ...]) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     with _quiet():
         torch.onnx.export(module, (example,), str(path), dynamo=True, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          input_names=[INPUT_NAME], output_names=list(outputs),
                           dynamic_shapes={INPUT_NAME: {0: batch}}, external_data=False, verbose=False)
 
 
-def _export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+def _export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Path, opset: int,
+                        outputs: tuple[str, ...]) -> None:
     with _quiet():
         torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          input_names=[INPUT_NAME], output_names=list(outputs),
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
                           do_constant_folding=True)
 
 
-EXPORTERS: dict[str, Callable[[torch.nn.Module, torch.Tensor, Path, int], None]] = {
+EXPORTERS: dict[str, Callable[[torch.nn.Module, torch.Tensor, Path, int, tuple[str, ...]], None]] = {
     "dynamo": _export_dynamo,
     "torchscript": _export_torchscript,
 }
 
 
 def check_onnx(path: Path, *, input_dtype: int = onnx.TensorProto.UINT8,
-               output_dtype: int = onnx.TensorProto.FLOAT) -> onnx.ModelProto:
-    """Contract checks: full checker, opset >= 17, one self-contained file, named I/O, dynamic batch."""
+               output_dtype: int = onnx.TensorProto.FLOAT, outputs: tuple[str, ...] = (OUTPUT_NAME,)) -> onnx.ModelProto:
+    """Contract checks: full checker, opset >= 17, one self-contained file, named I/O, dynamic batch.
+
+    ``outputs``: ``logits`` first; an explainable model adds ``features`` (docs/explain.md)."""
     model = onnx.load(str(path), load_external_data=False)
     if any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer):
         raise OnnxExportError(f"{path.name} stores weights outside the file; the bundle keeps one file per model")
@@ -68,9 +72,9 @@ def check_onnx(path: Path, *, input_dtype: int = onnx.TensorProto.UINT8,
     if opset < MIN_OPSET:
         raise OnnxExportError(f"{path.name} has opset {opset}, the contract needs >= {MIN_OPSET}")
     inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in model.graph.output] != [OUTPUT_NAME]:
+    if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in model.graph.output] != list(outputs):
         raise OnnxExportError(f"{path.name} has inputs {[i.name for i in inputs]} / outputs "
-                              f"{[o.name for o in model.graph.output]}, expected [{INPUT_NAME}] / [{OUTPUT_NAME}]")
+                              f"{[o.name for o in model.graph.output]}, expected [{INPUT_NAME}] / {list(outputs)}")
     itype, otype = inputs[0].type.tensor_type, model.graph.output[0].type.tensor_type
     if itype.elem_type != input_dtype or otype.elem_type != output_dtype:
         raise OnnxExportError(f"{path.name} has input/output element types {itype.elem_type}/{otype.elem_type}")
@@ -80,7 +84,8 @@ def check_onnx(path: Path, *, input_dtype: int = onnx.TensorProto.UINT8,
 
 
 def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, *,
-                opset: int = DEFAULT_OPSET, exporter: str = "dynamo") -> tuple[str, int]:
+                opset: int = DEFAULT_OPSET, exporter: str = "dynamo",
+                outputs: tuple[str, ...] = (OUTPUT_NAME,)) -> tuple[str, int]:
     """Export ``module`` to ``path`` and check it; returns (exporter used, opset)."""
     if exporter not in EXPORTERS:
         raise ValueError(f"unknown exporter {exporter!r}; valid: {', '.join(EXPORTERS)}")
@@ -88,8 +93,8 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, *,
     errors = []
     for name in order:
         try:
-            EXPORTERS[name](module, example, path, opset)
-            check_onnx(path)
+            EXPORTERS[name](module, example, path, opset, outputs)
+            check_onnx(path, outputs=outputs)
             return name, opset
         except Exception as e:  # exporter internals raise anything; try the other, report both
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -193,3 +193,21 @@ def _inside(root: Path, fname: str) -> Path:
         raise BundleError(f"bundle {root}: {fname} resolves to {real}, outside the bundle directory "
                           "(symlinks out of a bundle are refused: copy the file into it)")
     return path
+
+
+def explain_weights(bundle: Bundle) -> "Any":
+    """The CAM classifier weights (num_classes, K) of an explainable bundle, hash-checked; None when
+    the manifest says the model has no explanations (``explain.supported`` false or absent)."""
+    import numpy as np
+
+    ex = bundle.manifest.get("explain") or {}
+    if not ex.get("supported"):
+        return None
+    w = ex["weights"]
+    path = verify_file(bundle.path, w["file"], w)
+    weights = np.load(path, allow_pickle=False)
+    if weights.ndim != 2 or weights.shape[0] != bundle.manifest["num_classes"] \
+            or weights.shape[1] != ex["feature_shape"][0]:
+        raise BundleError(f"bundle {bundle.path}: {w['file']} has shape {weights.shape}, expected "
+                          f"({bundle.manifest['num_classes']}, {ex['feature_shape'][0]})")
+    return weights

@@ -165,6 +165,18 @@ class Preprocessor:
         box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
         return img.resize((size, size), resample, box=box)
 
+    def input_box(self, w: int, h: int) -> tuple[float, float, float, float]:
+        """The region of a ``w`` x ``h`` image the model sees, in its pixels (where a heatmap goes)."""
+        if self.resize_policy == "stretch":
+            return (0.0, 0.0, float(w), float(h))
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.resize_size, int(self.resize_size * long / short)
+        nw, nh = (new_short, new_long) if w <= h else (new_long, new_short)
+        size = self.input_size
+        left, top = (nw - size) / 2.0, (nh - size) / 2.0
+        sx, sy = w / nw, h / nh
+        return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+
     def to_array(self, img: Image.Image) -> np.ndarray:
         """PIL image -> uint8 (H, W, C), C = channels."""
         a = np.asarray(img, dtype=np.uint8)

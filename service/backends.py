@@ -124,6 +124,7 @@ class OnnxBackend:
         self.device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self._shrink = ort.RunOptions()
         self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
@@ -145,6 +146,13 @@ class OnnxBackend:
 
     def warm_run(self, pixels: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: pixels}, self._shrink)[0]
+
+    def run_with(self, pixels: np.ndarray, extra: str) -> np.ndarray:
+        """Logits and the graph's output ``extra`` in one run, packed row by row as
+        ``[logits | extra flattened]`` so any batcher can split them per request. ``run`` asks for
+        the logits alone, so a bundle that carries ``extra`` costs /classify nothing more."""
+        logits, more = self.session.run([self.output_name, extra], {self.input_name: pixels})
+        return np.concatenate([logits, more.reshape(len(more), -1)], axis=1)
 
 
 @register_backend("torchscript")

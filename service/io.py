@@ -13,6 +13,7 @@ service/route.py, which answers every POST to these APIs) keeps each file as an 
 """
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import re
@@ -82,10 +83,17 @@ def form_fields(content_type: str, body: bytes | None, scope: dict, cls: type[be
                 data[name] = BadField(f"field '{name}' must be a file upload, not text", 400, "bad_field")
             elif not isinstance(data[name], BadField):
                 data[name] = (data[name] or []) + [Upload(filename, ctype, payload)]
-        elif name in cls.model_fields:
+        elif name in _form_names(cls):
             v = payload[:1024].decode("utf-8", "replace")
-            data[name] = TEXT_FIELDS.get(name, str)(v)
+            key = _form_names(cls)[name]
+            data[key] = TEXT_FIELDS.get(key, str)(v)
     return data
+
+
+@functools.lru_cache(maxsize=None)
+def _form_names(cls: type[bentoml.IODescriptor]) -> dict[str, str]:
+    """Form field name -> parameter name (``class`` is a Python keyword: its parameter is ``class_``)."""
+    return {(f.alias or k): k for k, f in cls.model_fields.items()}
 
 
 def _integer(text: str) -> int | str:

@@ -15,6 +15,7 @@ import numpy as np
 from imgformat.bundle import Bundle, BundleError, load_bundle
 from imgformat.constants import NAME_RE
 from imgformat.preprocess import Preprocessor
+from service import explain
 from service.backends import Backend, create_backend
 from service.batching import create_batcher
 from service.config import ModelSource, Settings
@@ -35,6 +36,8 @@ class ServedModel:
     file: Path
     class_names: list[str] = field(default_factory=list)
     backend_threads: int = 0  # intra-op threads of the backend (CPU)
+    explainer: Any = None     # service.explain.Explainer when the model serves /explain
+    no_explain: str = ""      # else why not (the 400 /explain answers)
 
     @property
     def version(self) -> str:
@@ -49,6 +52,8 @@ class ServedModel:
                 "file": self.file.name, "device": self.backend.device, "providers": list(self.backend.providers),
                 "intra_op_threads": self.backend_threads,
                 "max_batch_size": self.batcher.max_batch_size,
+                "explain": ({"method": "cam", "layer": self.explainer.layer} if self.explainer is not None
+                            else {"method": None, "reason": self.no_explain}),
                 "batches_on": "event_loop" if getattr(self.batcher, "inline", False) else "inference_thread"}
 
     def warm_up(self) -> float:
@@ -155,6 +160,7 @@ def load_ready_model(src: ModelSource, settings: Settings, executor: Executor) -
     batch_ms = m.batcher.per_image_s * m.batcher.max_batch_size * 1000
     if batch_ms <= settings.small_model_ms:
         secs += _tune_small_model(m, settings)
+    explain.attach(m, settings, executor)  # after tuning: it runs the backend the model ends up with
     logger.info("model %s v%s: %s on %s (%s), warm-up %.2f s, batch of %d in %.1f ms, %s",
                 m.name, m.version, m.file.name, m.backend.device, ",".join(m.backend.providers), secs,
                 m.batcher.max_batch_size, batch_ms,

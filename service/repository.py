@@ -109,9 +109,11 @@ class ModelRepository:
         if old is None:
             return
         deadline = time.monotonic() + self.svc.settings.timeout_s
-        while old.batcher.in_flight and time.monotonic() < deadline:
+        batchers = [old.batcher] + ([old.explainer.batcher] if old.explainer is not None else [])
+        while any(b.in_flight for b in batchers) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        old.batcher.close()
+        for b in batchers:
+            b.close()
         del old
         gc.collect()  # the frozen-threshold gc (service.tune_gc) would keep cycles around for long
         malloc_trim()

@@ -29,14 +29,15 @@ from starlette.routing import Route
 import bentoml
 from imgformat.bundle import BundleError
 from imgformat.preprocess import ImageError, stack
-from service import access, metrics, metrics_labels, oip, onewrite, repository, timeouts
+from service import access, explain, metrics, metrics_labels, oip, onewrite, repository, timeouts
 from service.answer import answer, current_service, overloaded, refused
 from service.batching import Overloaded
 from service.config import Settings, load_settings
 from service.errors import Refused as _Refused
 from service.io import (MAX_IMAGES, TOO_LARGE_KEY, BadField, ClassifyBatchInput, ClassifyBatchOutput, ClassifyInput,
                         ClassifyOutput, json_response)
-from service.models import ServedModel, load_models, top_k
+from service.models import ServedModel, load_models, softmax, top_k
+from service.models import top_k as best_k  # /explain's parameter `top_k` hides the function
 from service.pages import PagesMiddleware
 from service.route import FormRoute, LeanRoute
 
@@ -268,6 +269,42 @@ class ImgServe:
 
         return await answer(run, "POST /classify_batch")
 
+    @bentoml.api(route="/explain", input_spec=explain.ExplainInput, output_spec=explain.ExplainOutput)
+    async def explain(self, image: Any = None, model: Optional[str] = None, top_k: Optional[int] = None,
+                      class_: Optional[str] = None, heatmap: Optional[str] = None,
+                      opacity: Optional[float] = None) -> Response:
+        """Classify one image and show where the evidence for a class is (a class-activation map).
+
+        Multipart: /classify's fields, plus `class` (index or label; default the top-1 class),
+        `heatmap` (array | png | both) and `opacity` (0..1, for the PNG overlay).
+        `curl -F image=@photo.jpg -F heatmap=png http://127.0.0.1:3000/explain`
+        """
+        async def run() -> Response:
+            m = self._model(model)
+            explainer = explain.explainer_of(m)
+            kk = self._top_k(top_k, m)
+            wanted = explain.resolve_class(class_, m.class_names)
+            output, alpha = explain.resolve_output(heatmap), explain.resolve_opacity(opacity)
+            uploads = self._files(image, "image", 1)
+            with explainer.batcher.admitted(1):
+                pixels = await self._prepare(m, uploads)
+                logits, chosen, heat = await explainer.maps(pixels, [wanted])
+            original = box = None
+            if output != "array":
+                original = explain.open_original(m.preprocessor, uploads[0].data)
+                box = m.preprocessor.input_box(*original.size)
+            c = int(chosen[0])
+            score = float(softmax(logits[0])[c])
+            return json_response({"model": m.name, "version": m.version,
+                                  "predictions": best_k(logits[0], kk, m.class_names),
+                                  "explained": {"index": c, "label": m.class_names[c], "score": score,
+                                                "method": "cam", "layer": explainer.layer},
+                                  "heatmap": await anyio.to_thread.run_sync(
+                                      explain.heatmap_body, heat[0], output, original, box, alpha,
+                                      limiter=self.decode_limiter)})
+
+        return await answer(run, "POST /explain")
+
 
 def _shed_early() -> Overloaded | None:
     """The refusal when every served model would refuse one more image now, else None."""
@@ -315,7 +352,8 @@ def _stop_supervisor(reason: str) -> None:
 # The lean path (service/route.py), inside the guard: the form APIs' own functions and OIP inference,
 # without BentoML's per-request machinery around them.
 FORM_ROUTES = {"/classify": FormRoute("classify", ClassifyInput, "image", MAX_IMAGES),
-               "/classify_batch": FormRoute("classify_batch", ClassifyBatchInput, "images", MAX_IMAGES)}
+               "/classify_batch": FormRoute("classify_batch", ClassifyBatchInput, "images", MAX_IMAGES),
+               "/explain": FormRoute("explain", explain.ExplainInput, "image", MAX_IMAGES)}
 OIP_ROUTES = {oip.INFER_PATH: oip.answer_infer}
 OIP_BUDGETS = {oip.INFER_PATH: oip.infer_values_budget}
 

@@ -146,3 +146,23 @@ def _register_cifar_cnn(name, plan, fc_widths, fc_bn, description):
 
 for _name, (_plan, _widths, _fc_bn, _desc) in _CIFAR_CNN_FAMILY.items():
     _register_cifar_cnn(_name, _plan, _widths, _fc_bn, _desc)
+
+
+class GapCNN(nn.Module):
+    """Convs -> global average pool -> one linear layer: the head class-activation maps need
+    (docs/explain.md). ``features`` and ``pool`` are separate modules so export can read the maps."""
+
+    def __init__(self, num_classes, in_channels, input_size, head, dropout, *, plan):
+        super().__init__()
+        self.features = _conv_stack(in_channels, plan, input_size, bn=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = make_head([s for s in plan if s != "M"][-1], head, num_classes, dropout)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, num_classes)
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@register_model("gap_cnn", classifier="classifier",
+                description="3 conv + BN, global average pool, linear: explainable with CAM (make serve's default)")
+def gap_cnn(num_classes, in_channels, input_size, head=(), dropout=0.0):
+    return GapCNN(num_classes, in_channels, input_size, head, dropout, plan=[32, "M", 64, "M", 128])

@@ -1,0 +1,110 @@
+"""Export side of explanations: which architectures have CAM and where they are cut, the ONNX graph's
+second output, the CAM parity gate (ONNX + imgformat.cam against PyTorch, real and random inputs),
+the manifest's ``explain`` section and the hash-checked weights file."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export import explain
+from export.onnx_export import export_onnx
+from export.wrap import wrap_model
+from imgformat.bundle import BundleError, explain_weights, load_bundle
+from training.models.registry import build_model
+
+PRE = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
+@pytest.mark.parametrize("arch", [*explain.RESNETS, "gap_cnn"])
+def test_every_resnet_and_gap_cnn_splits_into_features_and_head_exactly(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=7, in_channels=3, input_size=64).eval()
+    split, why = explain.split_model(arch, model, (3, 64, 64))
+    assert split is not None, why
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        feats = split[0](x)
+        assert torch.equal(split[1](feats), model(x))  # the same operations: not close, equal
+    assert feats.dim() == 4 and feats.shape[2] * feats.shape[3] > 1
+    assert split[2].weight.shape == (7, feats.shape[1])
+
+
+@pytest.mark.parametrize("arch, kwargs, needle", [
+    ("simple_cnn", {}, "global average pooling"), ("mlp", {}, "global average pooling"),
+    ("lenet", {}, "global average pooling"), ("cifar_cnn_m3", {}, "global average pooling"),
+    ("resnet18", {"head": (32,)}, "hidden dense head")])
+def test_architectures_without_a_gap_linear_head_are_refused_with_the_reason(arch, kwargs, needle):
+    model = build_model(arch, num_classes=4, in_channels=3, input_size=32, **kwargs).eval()
+    split, why = explain.split_model(arch, model, (3, 32, 32))
+    assert split is None and needle in why
+
+
+def test_one_by_one_feature_maps_are_refused():
+    model = build_model("resnet18", num_classes=4, in_channels=1, input_size=8).eval()
+    split, why = explain.split_model("resnet18", model, (1, 8, 8))
+    assert split is None and "1x1 feature maps" in why
+
+
+def test_resnet18_onnx_heatmaps_match_pytorch(tmp_path):
+    """The CAM gate on a torchvision ResNet-18 (random weights, 64 px: 4x4 maps) end to end."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=5, in_channels=3, input_size=64).eval()
+    wrapped = wrap_model(model, PRE)
+    split, _ = explain.split_model("resnet18", model, (3, 64, 64))
+    images = np.random.default_rng(0).integers(0, 256, size=(6, 64, 64, 3), dtype=np.uint8)
+    path = tmp_path / "m.onnx"
+    export_onnx(explain.CamClassifier(wrapped, split).eval(), torch.from_numpy(images[:2]), path,
+                outputs=("logits", "features"))
+    assert [o.name for o in onnx.load(str(path)).graph.output] == ["logits", "features"]
+    weights = explain.write_weights(split, tmp_path)
+    report = explain.cam_parity(wrapped, split, path, weights, {"random": images}, atol=1e-4)
+    assert report["passed"] and max(r["heatmap_max_abs"] for r in report["results"]) <= 1e-4
+
+
+def test_cam_gate_refuses_a_graph_whose_maps_disagree(tmp_path):
+    from export.errors import GateError
+
+    torch.manual_seed(0)
+    model = build_model("gap_cnn", num_classes=3, in_channels=3, input_size=16).eval()
+    wrapped = wrap_model(model, PRE)
+    split, _ = explain.split_model("gap_cnn", model, (3, 16, 16))
+    images = np.random.default_rng(1).integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
+    path = tmp_path / "m.onnx"
+    export_onnx(explain.CamClassifier(wrapped, split).eval(), torch.from_numpy(images[:2]), path,
+                outputs=("logits", "features"))
+    wrong = explain.write_weights(split, tmp_path)[::-1].copy()  # another class's row for each class
+    with pytest.raises(GateError, match="CAM parity gate failed"):
+        explain.cam_parity(wrapped, split, path, wrong, {"random": images}, atol=1e-4)
+
+
+def test_bundle_manifest_says_which_models_explain(gap_digits_bundle, digits_bundle):
+    gap = load_bundle(gap_digits_bundle)
+    ex = gap.manifest["explain"]
+    assert ex["supported"] and ex["method"] == "cam" and ex["schema_version"] == 1
+    assert {r["inputs"] for r in ex["parity"]["results"]} == {"real", "random"}
+    assert all(r["heatmap_max_abs"] <= 1e-4 for r in ex["parity"]["results"])
+    assert explain_weights(gap).shape == (10, ex["feature_shape"][0])
+    plain = load_bundle(digits_bundle).manifest["explain"]
+    assert plain["supported"] is False and "simple_cnn" in plain["reason"]
+    assert explain_weights(load_bundle(digits_bundle)) is None
+
+
+def test_a_changed_weights_file_is_refused(gap_digits_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "gap"
+    shutil.copytree(gap_digits_bundle, copy)
+    w = np.load(copy / "cam_weights.npy")
+    np.save(copy / "cam_weights.npy", w * 2)
+    with pytest.raises(BundleError, match="sha256"):
+        explain_weights(load_bundle(copy))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["explain"]["supported"] = True
+    del manifest["explain"]["weights"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="explain"):
+        load_bundle(copy)
