@@ -21,9 +21,9 @@ demo: serve
 # (stock base when it can be pulled, else a local Debian base made once), stock or local.
 FLAVOUR ?= cpu
 BASE ?= auto
+# DATA=path/to/folder: train on it, export, and bake that model in (image imgserve-FOLDER-MODEL).
 image: setup
-	./scripts/serve.sh build
-	.venv/bin/python -m container build --flavour $(FLAVOUR) --base $(BASE) --bundle bundles/default
+	FLAVOUR=$(FLAVOUR) BASE=$(BASE) ./scripts/serve.sh image
 
 # N replicas of the image behind HAProxy on 127.0.0.1:PORT (docs/scaleout.md), the local stand-in
 # for a Kubernetes Service; BUNDLE=DIR serves a mounted bundle instead of the image's own model.

@@ -18,6 +18,16 @@ from container.engines import get_engine, list_engines
 from container.flavours import list_flavours
 
 
+# How each engine hands the GPUs to a container (podman: CDI, `nvidia-ctk cdi generate` on the host).
+GPU_ARGS = {"docker": "--gpus all", "podman": "--device nvidia.com/gpu=all"}
+
+
+def run_line(engine: str, flavour: str, image: str) -> str:
+    """The command that serves the image on 127.0.0.1:3000, read-only (BENTOML_HOME is on the /tmp tmpfs)."""
+    gpu = f"{GPU_ARGS[engine]} " if flavour == "gpu" else ""
+    return f"{engine} run -d {gpu}-p 127.0.0.1:3000:3000 --read-only --tmpfs /tmp {image}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m container", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         a.report.write_text(json.dumps(asdict(built), indent=2))
     print(f"[image] {built.image} (also {built.alias}): {built.size_bytes / 1e6:.0f} MB, {built.flavour} flavour, "
           f"base {built.base}, engine {built.engine}, containerize {built.containerize_s:.0f} s")
-    print(f"[image] run: {built.engine} run --rm -p 3000:3000 {built.alias}")
+    print(f"[image] run: {run_line(built.engine, built.flavour, built.alias)}")
     return 0
 
 

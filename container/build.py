@@ -81,23 +81,12 @@ def served_model(bentofile: Path) -> str:
 
 
 def import_bundle(bundle: Path, name: str) -> str:
-    """Put `bundle` into the BentoML model store (once per version) under the name the bento serves."""
-    import bentoml
-    from bentoml.exceptions import NotFound
-
+    """Put `bundle` into the BentoML model store under the name the bento bakes in (`default`), as the
+    newest entry (the bentofile asks for `default:latest`). The manifest keeps the model's own name,
+    which is the name the image serves it under: a bundle from any folder needs no renaming."""
     from imgformat.store import import_to_bentoml
-    from imgformat.bundle import load_manifest
 
-    manifest = load_manifest(bundle)
-    if manifest["name"] != name:
-        raise SystemExit(f"{bundle} is the model {manifest['name']!r}, the bentofile bakes in {name!r}: "
-                         f"export it with --name {name} (python -m export CKPT --out DIR --name {name})")
-    tag = f"{name}:{manifest['version']}"
-    try:
-        bentoml.models.get(tag)
-        return tag
-    except NotFound:
-        return import_to_bentoml(bundle)
+    return import_to_bentoml(bundle, replace=True, name=name)
 
 
 def bentoml_build(bentofile: Path, flavour: Flavour) -> str:

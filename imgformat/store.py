@@ -50,15 +50,17 @@ def store_labels(manifest: dict[str, Any]) -> dict[str, str]:
             "precisions": "-".join(sorted({v["precision"] for v in manifest["files"].values()}))}
 
 
-def import_to_bentoml(bundle_dir: str | os.PathLike, *, replace: bool = False) -> str:
-    """Copy the bundle into the BentoML model store as ``NAME:VERSION``; returns the tag string."""
+def import_to_bentoml(bundle_dir: str | os.PathLike, *, replace: bool = False, name: str | None = None) -> str:
+    """Copy the bundle into the BentoML model store as ``NAME:VERSION``; returns the tag string.
+    `name` stores it under another store name (the one a bento bakes in) without touching the
+    manifest: the service still serves it under the manifest's name."""
     import bentoml
     from bentoml.exceptions import NotFound
 
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir)
     verify_files(bundle_dir, manifest)
-    tag = f"{manifest['name']}:{manifest['version']}"
+    tag = f"{name or manifest['name']}:{manifest['version']}"
     try:
         bentoml.models.get(tag)
         if not replace:

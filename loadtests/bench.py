@@ -95,7 +95,7 @@ def _top_k(logits: np.ndarray, k: int = 5) -> list[list[tuple[int, float]]]:
 
 
 def measure_inproc(bundle: Path, precision: str, image: bytes, batches: list[int], secs: float,
-                   threads: int) -> Inproc:
+                   threads: int, device: str = "cpu") -> Inproc:
     """The limit without HTTP, with the service's own bundle reader, preprocessing and backend."""
     try:
         from service.backends import create_backend
@@ -106,7 +106,7 @@ def measure_inproc(bundle: Path, precision: str, image: bytes, batches: list[int
     b = load_bundle(bundle)
     model_file = b.model_file("onnx", precision)
     pre = Preprocessor.from_manifest(b.manifest["preprocessing"], max_pixels=400_000_000)
-    backend = create_backend("onnx", model_file, threads=threads, device="cpu")
+    backend = create_backend("onnx", model_file, threads=threads, device=device)
     n, wall, _ = _timed_loop(lambda: pre(image), secs / 2)
     pre_ms = wall / n * 1e3
     log.info("in-process: %s, decode+preprocess %.2f ms/img on one thread", model_file.name, pre_ms)

@@ -3,7 +3,7 @@
 # (or benchmark it). Idempotent: an existing checkpoint is reused and an up-to-date bundle is not
 # re-exported (FORCE=1 redoes both).
 #
-#   scripts/serve.sh [serve|build|bench]
+#   scripts/serve.sh [serve|build|bench|image]
 #
 # Without DATA: simple_cnn on Fashion-MNIST (2 epochs) -> runs/default, bundles/default.
 # DATA=DIR (one subfolder of images per class; train/val/test subfolders are used when present):
@@ -12,6 +12,8 @@
 #   for ResNets, the images' typical size for the small models) -> runs/NAME, bundles/NAME where
 #   NAME = folder-model. TRAIN_ARGS: more flags for `python -m training` (e.g. --pretrained imagenet).
 # PORT (3000) for serve; BENCH_ARGS: more flags for `python -m loadtests.bench`.
+# image (`make image`): the serving image with that bundle baked in (FLAVOUR cpu|gpu, BASE auto|stock|
+#   local; docs/container.md), named imgserve, or imgserve-NAME with DATA; prints the `podman run` line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-serve}
@@ -21,7 +23,7 @@ DATA=${DATA:-}
 FORCE=${FORCE:-0}
 log() { echo "[serve] $*"; }
 
-case "$MODE" in serve|build|bench) ;; *) echo "usage: $0 [serve|build|bench]" >&2; exit 2 ;; esac
+case "$MODE" in serve|build|bench|image) ;; *) echo "usage: $0 [serve|build|bench|image]" >&2; exit 2 ;; esac
 
 if [ -z "$DATA" ]; then
   MODEL=${MODEL:-simple_cnn}
@@ -59,6 +61,11 @@ fi
 
 case "$MODE" in
   build) exit 0 ;;
+  image)
+    IMAGE_NAME=${IMAGE_NAME:-imgserve${DATA:+-$NAME}}
+    log "image $IMAGE_NAME from $BUNDLE: python -m container build --flavour ${FLAVOUR:-cpu} --base ${BASE:-auto}"
+    exec "$PY" -m container build --flavour "${FLAVOUR:-cpu}" --base "${BASE:-auto}" --bundle "$BUNDLE" \
+      --name "$IMAGE_NAME" ;;
   bench)
     log "benchmarking $BUNDLE: python -m loadtests.bench --bundle $BUNDLE ${BENCH_ARGS:-}"
     # shellcheck disable=SC2086

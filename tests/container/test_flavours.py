@@ -1,5 +1,5 @@
-"""The GPU flavour's bento, generated from bentofile.yaml (no engine needed: its base image comes
-from a public registry; test_gpu_image.py builds and runs it on a GPU host)."""
+"""The GPU flavour's bento, generated from bentofile.yaml (no engine needed; test_gpu_image_build.py
+builds and checks the image here, test_gpu_image.py runs it on a GPU host)."""
 from __future__ import annotations
 
 import os
@@ -20,10 +20,13 @@ def test_flavours_change_only_what_they_declare() -> None:
     assert flavour_bentofile(get_flavour("cpu"), BENTOFILE, WORK) == BENTOFILE
     src = yaml.safe_load(BENTOFILE.read_text())
     gpu = yaml.safe_load(flavour_bentofile(get_flavour("gpu"), BENTOFILE, WORK).read_text())
-    assert gpu["include"] == src["include"] and gpu["models"] == src["models"] and gpu["envs"] == src["envs"]
+    assert gpu["include"] == src["include"] and gpu["models"] == src["models"]
+    added = {e["name"]: e["value"] for e in gpu["envs"][len(src["envs"]):]}
+    assert gpu["envs"][:len(src["envs"])] == src["envs"] and set(added) == {"NVIDIA_DRIVER_CAPABILITIES", "LD_LIBRARY_PATH"}
+    assert "/app/.venv/lib/python3.11/site-packages/nvidia/cudnn/lib" in added["LD_LIBRARY_PATH"].split(":")
     swapped = [p for p in gpu["python"]["packages"] if p not in src["python"]["packages"]]
-    assert swapped == ["onnxruntime-gpu==1.26.0"], swapped
-    assert gpu["docker"] == {**src["docker"], "cuda_version": "12.8"}
+    assert swapped == ["onnxruntime-gpu[cuda,cudnn]==1.26.0"], swapped
+    assert gpu["docker"] == src["docker"], "CUDA comes from wheels: the GPU image has the CPU image's base"
     assert served_model(BENTOFILE) == "default"
 
 
@@ -38,10 +41,13 @@ def test_gpu_bento_dockerfile(default_bundle: Path, tmp_path: Path) -> None:
     name, version = out.stdout.strip().splitlines()[-1].replace("__tag__:", "").split(":")
     bento = tmp_path / "home" / "bentos" / name / version
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
-    # CUDA 12.8 + cuDNN 9 runtime; uv installs Python 3.11 in the build stage (the image has none).
-    assert "ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04" in dockerfile, dockerfile[:800]
+    # The CPU flavour's base; CUDA 12 and cuDNN 9 are locked as PyPI wheels.
+    assert "ARG BASE_IMAGE=python:3.11-slim" in dockerfile, dockerfile[:800]
     assert "--python 3.11" in dockerfile and "HEALTHCHECK" in dockerfile and "USER bentoml" in dockerfile
+    assert "NVIDIA_DRIVER_CAPABILITIES" in dockerfile
     reqs = (bento / "env" / "python" / "requirements.txt").read_text().split()
-    assert "onnxruntime-gpu==1.26.0" in reqs and not any(r.startswith("onnxruntime==") for r in reqs), reqs
+    assert "onnxruntime-gpu[cuda,cudnn]==1.26.0" in reqs and not any(r.startswith("onnxruntime==") for r in reqs), reqs
     lock = (bento / "env" / "python" / "requirements.lock.txt").read_text()
-    assert "onnxruntime-gpu==1.26.0" in lock and "torch" not in lock
+    for pin in ("onnxruntime-gpu==1.26.0", "nvidia-cudnn-cu12==9.", "nvidia-cublas-cu12==12.", "nvidia-cuda-runtime-cu12==12."):
+        assert pin in lock, f"{pin} is not in the lock"
+    assert "torch" not in lock
