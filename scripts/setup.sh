@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up: system packages (apt), a Python 3.11 venv in .venv, torch pinned, the project.
-# Re-running skips what is already done (the venv stamp is the hash of pyproject.toml).
+# Re-running skips what is already done (the venv stamp is the hash of pyproject.toml and bentofile.yaml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { echo "[setup] $*"; }
@@ -22,7 +22,9 @@ command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 # Container images (make image, tests/container): podman with runc (crun fails on cgroup-v1 hosts),
 # debootstrap for the local Debian base where no public image registry is reachable.
-command -v podman >/dev/null 2>&1 || command -v docker >/dev/null 2>&1 || need_apt+=(podman)
+# podman is installed whatever else is there: a docker CLI is often present without a daemon, and
+# the local replicas (deploy/replicas) run on podman. After the install, the engine is checked below.
+command -v podman >/dev/null 2>&1 || need_apt+=(podman)
 command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] || need_apt+=(runc)
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
 # kubectl kustomize renders deploy/k8s for tests/container/test_kube_play.py (podman kube play).
@@ -34,6 +36,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     || log "WARNING: could not install ${need_apt[*]}; Fashion-MNIST demos and wrk benchmarks will say so"
 fi
 
+# The image tests use the engine that works (docker when its daemon answers, else podman: what
+# container.engines.get_engine("auto") picks); say now if none does, not in the middle of the tests.
+engine=$(scripts/container_engine.sh)
+if [ -n "$engine" ]; then log "container engine: $engine ($engine info answers)"
+else log "WARNING: no container engine works ('docker info' and 'podman info' both fail): tests/container and tests/deploy will fail"; fi
+
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 "$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
@@ -41,13 +49,15 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 
 [ -x .venv/bin/python ] || { log "creating .venv"; "$PYTHON" -m venv .venv; }
 stamp=.venv/.imgserve-stamp
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml bentofile.yaml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   log "venv up to date"
 else
   log "installing torch==2.14.1 torchvision==0.29.1 and the project (first time: several minutes)"
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-  .venv/bin/pip install -q -e '.[test]'
+  # The serving stack at the image's versions (bentofile.yaml is its lock; scripts/serving_pins.py).
+  .venv/bin/python scripts/serving_pins.py > .venv/serving-constraints.txt
+  .venv/bin/pip install -q -c .venv/serving-constraints.txt -e '.[test]'
   echo "$want" > "$stamp"
 fi

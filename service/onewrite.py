@@ -85,13 +85,21 @@ def wrap_send(send):
     return one_write_send
 
 
-def install() -> bool:
-    """Patch uvicorn's httptools protocol once; False (and a log line) if it is not there."""
+WRITE_PATH = "two writes per response (uvicorn's httptools protocol was not patched)"
+
+
+def install() -> str:
+    """Patch uvicorn's httptools protocol once; returns the write path now active (the service logs it).
+
+    The pinned uvicorn and httptools (bentofile.yaml) always have it; without httptools uvicorn falls
+    back to h11, whose responses keep two writes, and the log line says so."""
+    global WRITE_PATH
     try:
         from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
     except ImportError as e:
-        logger.info("uvicorn's httptools protocol is not available (%s): responses keep two writes", e)
-        return False
+        WRITE_PATH = f"two writes per response (uvicorn's httptools protocol is not available: {e})"
+        return WRITE_PATH
     if not hasattr(RequestResponseCycle.send, "__wrapped__"):
         RequestResponseCycle.send = wrap_send(RequestResponseCycle.send)
-    return True
+    WRITE_PATH = "one socket write per response (uvicorn's httptools RequestResponseCycle.send patched)"
+    return WRITE_PATH

@@ -46,7 +46,10 @@ class FormRoute:
     def handler(self, service: Any) -> Handler:
         """The undecorated API function bound to the service instance (``APIMethod.func``)."""
         method = getattr(type(service), self.api)
-        func = getattr(method, "func", method)
+        func = getattr(method, "func", None)
+        if func is None:  # falling back to the APIMethod itself would route the call back here
+            raise RuntimeError(f"{self.api}: BentoML's APIMethod has no 'func' (the lean route needs the BentoML "
+                               "pinned in bentofile.yaml)")
         return func.__get__(service)
 
     def kwargs(self, scope: dict, body: bytes | None) -> dict[str, Any]:

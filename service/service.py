@@ -42,6 +42,9 @@ from service.pages import PagesMiddleware
 from service.route import FormRoute, LeanRoute
 
 logger = logging.getLogger(__name__)
+# BentoML configures its own loggers only: without this, the service's INFO lines (settings, write path,
+# each model's load and warm-up) never reach the server log.
+logging.getLogger("service").setLevel(logging.INFO)
 
 SETTINGS: Settings = load_settings()
 onewrite.install()  # each answer in one socket write: a killed replica sends all of it or nothing
@@ -154,6 +157,7 @@ class ImgServe:
     def __init__(self) -> None:
         self.settings = SETTINGS
         logger.info("imgserve settings: %r", self.settings)
+        logger.info("imgserve write path: %s", onewrite.WRITE_PATH)
         # One inference thread for every model: the backend's intra-op pool uses all cores, and two
         # concurrent runs would only fight over them.
         self.infer_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgserve-infer")

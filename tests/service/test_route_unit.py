@@ -78,3 +78,23 @@ def test_an_answer_that_raises_is_a_bare_500():
     route = LeanRoute(None, routes={"/classify": broken}, server_header="test")
     sent = _call(route, "POST", "/classify", [b""])
     assert sent[0]["status"] == 500 and b"unexpected error" in _body(sent)
+
+
+def test_the_form_route_needs_the_api_function_and_finds_it_in_the_pinned_bentoml():
+    """The lean route calls ``APIMethod.func``; without it, it must fail loudly, not call the route again."""
+    import pytest
+
+    from service.io import ClassifyInput
+    from service.route import FormRoute
+
+    class Plain:
+        def classify(self):
+            return "not an APIMethod"
+
+    with pytest.raises(RuntimeError, match="has no 'func'"):
+        FormRoute("classify", ClassifyInput, "image", 1).handler(Plain())
+    import service.service as svc
+
+    instance = object.__new__(svc.ImgServe.inner)  # the user class under BentoML's Service wrapper
+    method = getattr(type(instance), "classify")
+    assert FormRoute("classify", ClassifyInput, "image", 1).handler(instance).__func__ is method.func

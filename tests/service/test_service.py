@@ -98,6 +98,11 @@ def test_model_selection_and_models_list(server, uploads) -> None:
     assert first["device"] in ("cpu", "cuda") and first["input"]["dtype"] == "uint8"
 
 
+def test_startup_log_says_which_write_path_is_active(server) -> None:
+    log = server.log_path.read_text(errors="replace")
+    assert "imgserve write path: one socket write per response" in log, log[-2000:]
+
+
 def test_health_metrics_and_docs(server) -> None:
     for path in ("/livez", "/readyz", "/metrics"):
         assert httpx.get(server.url + path, timeout=10).status_code == 200, path
