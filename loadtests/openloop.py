@@ -1,0 +1,227 @@
+"""Open-loop load steps against any HTTP image classifier (imgserve or a peer), free of coordinated omission.
+
+    .venv/bin/python -m loadtests.openloop --url http://127.0.0.1:PORT/classify --image china.jpg \\
+        --slo-ms 1000 --capacity 40 --seconds 20 --json out.json --md out.md
+
+Arrivals follow a fixed schedule (request i of a step is due at ``i / rate``), whatever the answers
+do: a slow server gets more requests in flight, not fewer arrivals. Every latency is measured from
+the request's *due* time, not from when the client managed to send it, so a client that falls
+behind its schedule (a busy event loop, a busy machine) adds its lag to the latency instead of
+hiding it (coordinated omission). The lag itself is reported per step (``lag p99``) so a reader can
+see when the generator, not the server, was the limit.
+
+Steps are multiples of ``--capacity`` (req/s; measured with a short closed loop when not given),
+each ``--seconds`` long, back to back. After the last step a recovery phase offers the first
+step's rate for ``--recovery-s`` seconds; recovery time is when, counted from the end of the last
+step, every later 0.5 s bucket of arrivals is answered 2xx with p99 within 1.5x the first step's p99.
+
+Per step: goodput (2xx answered within ``--slo-ms`` of their due time, per second), the error mix
+(503, other statuses, timeouts, connection errors), p50/p99/p99.9 of the 2xx answers.
+The raw-socket client is loadtests.soak's (fresh connection per request, little client CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from loadtests.soak import Result, closed_loop, fire, image_post, pct, split_url
+
+DEFAULT_STEPS = (0.5, 0.9, 1.2, 2.0, 4.0)
+BUCKET_S = 0.5
+RECOVERED_P99_FACTOR = 1.5
+
+
+@dataclass
+class Shot:
+    """One arrival: when it was due (s from the run's start), its CO-free latency and outcome."""
+
+    due: float
+    latency: float  # from due time to the end of the answer
+    lag: float  # how late the client sent it
+    outcome: str  # "200", "503", ..., "timeout", "ConnectionResetError", "client_backlog"
+
+
+@dataclass
+class StepStats:
+    name: str
+    rate: float
+    seconds: float
+    sent: int
+    goodput: float  # 2xx within the SLO, per second of the step
+    ok: int
+    ok_late: int
+    outcomes: dict[str, int] = field(default_factory=dict)
+    p50_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    p999_ms: float = float("nan")
+    lag_p99_ms: float = float("nan")
+
+
+async def offer(host: str, port: int, request: bytes, rate: float, seconds: float, start: float,
+                timeout: float, max_outstanding: int) -> tuple[list[Shot], set[asyncio.Task]]:
+    """Send ``request`` at ``rate`` req/s for ``seconds`` on the fixed schedule; ``start`` is the run's t=0.
+
+    Returns the shots (filled in as answers come) and the requests still open when the schedule ends."""
+    n = max(1, int(rate * seconds))
+    t0 = time.perf_counter()
+    base = t0 - start
+    open_: set[asyncio.Task] = set()
+    shots: list[Shot] = []
+
+    async def one(due_abs: float) -> None:
+        lag = time.perf_counter() - due_abs
+        r: Result = await fire(host, port, request, timeout)
+        shots.append(Shot(due_abs - start, r.latency + lag, lag, str(r.status) if r.status else r.error or "error"))
+
+    for i in range(n):
+        due_abs = t0 + i / rate
+        delay = due_abs - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if len(open_) >= max_outstanding:  # bounded client memory: counted, never silently skipped
+            shots.append(Shot(base + i / rate, float("inf"), 0.0, "client_backlog"))
+            continue
+        task = asyncio.create_task(one(due_abs))
+        open_.add(task)
+        task.add_done_callback(open_.discard)
+    # Wait only for the remaining answers; the next step's schedule starts now, as offered load would.
+    return shots, open_
+
+
+def summarize(name: str, rate: float, seconds: float, shots: Sequence[Shot], slo_s: float) -> StepStats:
+    ok = [s.latency for s in shots if s.outcome.startswith("2")]
+    good = sum(lat <= slo_s for lat in ok)
+    return StepStats(name, rate, seconds, len(shots), good / seconds, len(ok), len(ok) - good,
+                     dict(Counter(s.outcome for s in shots)), pct(ok, 50) * 1000, pct(ok, 99) * 1000,
+                     pct(ok, 99.9) * 1000, pct([s.lag for s in shots], 99) * 1000)
+
+
+def recovery_time(shots: Sequence[Shot], after: float, normal_p99_s: float) -> float | None:
+    """Seconds from ``after`` until every later 0.5 s bucket of arrivals is all-2xx with p99 within
+    1.5x ``normal_p99_s``; None when the run ended unrecovered."""
+    buckets: dict[int, list[Shot]] = {}
+    for s in shots:
+        if s.due >= after:
+            buckets.setdefault(int((s.due - after) / BUCKET_S), []).append(s)
+    healthy = lambda b: (all(s.outcome.startswith("2") for s in b)
+                         and pct([s.latency for s in b], 99) <= RECOVERED_P99_FACTOR * normal_p99_s)
+    keys = sorted(buckets)
+    recovered_from = None
+    for k in keys:
+        if healthy(buckets[k]):
+            recovered_from = k if recovered_from is None else recovered_from
+        else:
+            recovered_from = None
+    return None if recovered_from is None else recovered_from * BUCKET_S
+
+
+async def run_steps(url: str, request: bytes, capacity: float, steps: Sequence[float], seconds: float,
+                    slo_s: float, recovery_s: float, timeout: float, max_outstanding: int
+                    ) -> tuple[list[StepStats], float | None]:
+    host, port = split_url(url)
+    start = time.perf_counter()
+    phases: list[tuple[str, float, float, list[Shot]]] = []
+    pending: set[asyncio.Task] = set()
+    plan = [(f"{m:g}x", m * capacity, seconds) for m in steps] + [("recovery", steps[0] * capacity, recovery_s)]
+    for name, rate, secs in plan:
+        shots, open_ = await offer(host, port, request, rate, secs, start, timeout, max_outstanding)
+        phases.append((name, rate, secs, shots))
+        pending |= open_
+    await asyncio.gather(*pending)  # every request ends within its timeout: the run is bounded
+    stats = [summarize(n, r, s, shots, slo_s) for n, r, s, shots in phases]
+    last_end = sum(secs for _, _, secs, _ in phases[:-1])
+    rec = recovery_time(phases[-1][3], last_end, stats[0].p99_ms / 1000)
+    return stats, rec
+
+
+def measure_capacity(url: str, request: bytes, concurrency: int = 8, seconds: float = 10.0) -> float:
+    """2xx per second of a closed loop at ``concurrency`` after a 2 s warm-up."""
+    host, port = split_url(url)
+    make = lambda i: (request, None)
+    asyncio.run(closed_loop(host, port, make, concurrency, 2.0))
+    t0 = time.perf_counter()
+    rs = asyncio.run(closed_loop(host, port, make, concurrency, seconds))
+    return sum(r.status is not None and 200 <= r.status < 300 for r in rs) / (time.perf_counter() - t0)
+
+
+def _mix(outcomes: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items()) if not k.startswith("2")) or "-"
+
+
+def table(server: str, capacity: float, stats: Sequence[StepStats], rec: float | None, slo_ms: float) -> str:
+    """Markdown rows (one per step) for the peers harness's results.md or docs/performance.md."""
+    rows = [f"| {server} | {s.name} | {s.rate:.1f} | {s.sent} | {s.goodput:.1f} ({s.goodput / capacity:.2f}x) | "
+            f"{s.ok_late} | {_mix(s.outcomes)} | {s.p50_ms:.0f} / {s.p99_ms:.0f} / {s.p999_ms:.0f} | "
+            f"{s.lag_p99_ms:.0f} |" for s in stats]
+    recov = "not within the recovery phase" if rec is None else f"{rec:.1f} s"
+    return "\n".join(rows + [f"| {server} | recovery after the last step | | | | | {recov} | | |"])
+
+
+HEADER = ("| server | step | offered req/s | sent | goodput/s (x capacity) | 2xx over SLO | errors | "
+          "2xx p50 / p99 / p99.9 ms | client lag p99 ms |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", required=True, help="loopback URL taking a multipart upload")
+    p.add_argument("--image", required=True, type=Path)
+    p.add_argument("--field", default="image", help="multipart field of the image")
+    p.add_argument("--form", default="", help="extra fields, k=v&k2=v2")
+    p.add_argument("--raw", action="store_true", help="post the bare image bytes instead of a form")
+    p.add_argument("--name", default="target", help="row label")
+    p.add_argument("--capacity", type=float, help="req/s; measured closed-loop at c=8 when omitted")
+    p.add_argument("--steps", default=",".join(f"{m:g}" for m in DEFAULT_STEPS))
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--recovery-s", type=float, default=10.0)
+    p.add_argument("--slo-ms", type=float, default=1000.0)
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--max-outstanding", type=int, default=4000)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--md", type=Path, help="append the table rows here (header written when new)")
+    return p
+
+
+def _request(args: argparse.Namespace) -> bytes:
+    from loadtests.soak import raw_post
+    path = "/" + args.url.split("://", 1)[-1].split("/", 1)[1] if "/" in args.url.split("://", 1)[-1] else "/"
+    data = args.image.read_bytes()
+    ctype = "image/png" if args.image.suffix.lower() == ".png" else "image/jpeg"
+    if args.raw:
+        return raw_post(path, data, ctype)
+    form = dict(kv.split("=", 1) for kv in args.form.split("&") if kv)
+    return image_post(data, field_name=args.field, path=path, filename=args.image.name.encode(), ctype=ctype,
+                      form=form)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    request = _request(args)
+    cap = args.capacity or measure_capacity(args.url, request)
+    steps = [float(x) for x in args.steps.split(",")]
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    stats, rec = asyncio.run(run_steps(args.url, request, cap, steps, args.seconds, args.slo_ms / 1000,
+                                       args.recovery_s, args.timeout, args.max_outstanding))
+    rows = table(args.name, cap, stats, rec, args.slo_ms)
+    print(f"{args.name}: capacity {cap:.1f} req/s, SLO {args.slo_ms:g} ms, load average at start {' '.join(load)}")
+    print(HEADER + "\n" + rows)
+    if args.json:
+        args.json.write_text(json.dumps({"server": args.name, "capacity": cap, "slo_ms": args.slo_ms,
+                                         "loadavg": load, "recovery_s": rec,
+                                         "steps": [asdict(s) for s in stats]}, indent=1))
+    if args.md:
+        new = not args.md.exists()
+        with args.md.open("a") as f:
+            f.write((HEADER + "\n" if new else "") + rows + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
