@@ -168,6 +168,13 @@ HEADER = ("| server | step | offered req/s | sent | goodput/s (x capacity) | 2xx
           "2xx p50 / p99 / p99.9 ms | client lag p99 ms |\n|---|---|---|---|---|---|---|---|---|")
 
 
+def save_json(path: Path, server: str, capacity: float, slo_ms: float, load: Sequence[str],
+              stats: Sequence[StepStats], rec: float | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"server": server, "capacity": capacity, "slo_ms": slo_ms, "loadavg": list(load),
+                                "recovery_s": rec, "steps": [asdict(s) for s in stats]}, indent=1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", required=True, help="loopback URL taking a multipart upload")
@@ -213,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.name}: capacity {cap:.1f} req/s, SLO {args.slo_ms:g} ms, load average at start {' '.join(load)}")
     print(HEADER + "\n" + rows)
     if args.json:
-        args.json.write_text(json.dumps({"server": args.name, "capacity": cap, "slo_ms": args.slo_ms,
-                                         "loadavg": load, "recovery_s": rec,
-                                         "steps": [asdict(s) for s in stats]}, indent=1))
+        save_json(args.json, args.name, cap, args.slo_ms, load, stats, rec)
     if args.md:
         new = not args.md.exists()
         with args.md.open("a") as f:

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import logging
 import time
 from concurrent.futures import Executor
@@ -33,6 +34,22 @@ from service.errors import Refused
 logger = logging.getLogger(__name__)
 
 RunFn = Callable[[np.ndarray], np.ndarray]
+
+
+# When the current request reached the service (perf_counter), set by the HTTP guard. Time spent
+# before admission (reading and parsing the body, waiting for the event loop) counts against the
+# latency budget: the estimate alone let a 10 s budget answer after 36 s at twice the capacity.
+ARRIVED: contextvars.ContextVar[float] = contextvars.ContextVar("imgserve_arrived")
+
+
+def mark_arrival() -> None:
+    ARRIVED.set(time.perf_counter())
+
+
+def waited_s() -> float:
+    """Seconds since the current request arrived (0 outside a request)."""
+    now = time.perf_counter()
+    return now - ARRIVED.get(now)
 
 
 class Overloaded(Exception):
@@ -71,6 +88,7 @@ class _Job:
     pixels: np.ndarray  # (n, H, W, C) uint8
     future: asyncio.Future
     enqueued: float
+    deadline: float  # the request's arrival + the latency budget (perf_counter seconds)
 
 
 def _retry_after(wait_s: float) -> int:
@@ -132,7 +150,7 @@ class _Base:
                           f"wait for model {self.model!r} (IMGSERVE_MAX_QUEUE, shared by the workers); send fewer "
                           f"per request", 413,
                           "over_max_queue")
-        wait = self.estimated_wait(n)
+        wait = self.estimated_wait(n) + waited_s()
         if self.in_flight + n > self.max_queue or wait > self.max_latency_s:
             raise Overloaded(f"overloaded: {self.in_flight} images (about {wait:.2f} s of work) are in flight for "
                              f"model {self.model!r}; retry later", _retry_after(max(wait - self.max_latency_s, 0.5)))
@@ -190,7 +208,8 @@ class EagerBatcher(_Base):
 
     async def _infer(self, pixels: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        job = _Job(pixels, loop.create_future(), time.perf_counter())
+        now = time.perf_counter()
+        job = _Job(pixels, loop.create_future(), now, ARRIVED.get(now) + self.max_latency_s)
         self._queue.append(job)
         self.queued_images += len(pixels)
         if not self._busy:
@@ -201,17 +220,29 @@ class EagerBatcher(_Base):
         """The queued jobs of the next batch (up to max_batch_size images), skipping cancelled ones."""
         jobs: list[_Job] = []
         n = 0
+        now = time.perf_counter()
         while self._queue and (not jobs or n + len(self._queue[0].pixels) <= self.max_batch_size):
             job = self._queue.popleft()
             if job.future.cancelled():  # client went away while queued: skip its work
                 self.queued_images -= len(job.pixels)
                 continue
+            if now + self.per_image_s * (n + len(job.pixels)) > job.deadline:
+                self._too_late(job)  # its answer would come after the budget: useless to the client
+                continue
             jobs.append(job)
             n += len(job.pixels)
-        now = time.perf_counter()
         for job in jobs:
             metrics.for_model(metrics.QUEUE, self.model).observe(now - job.enqueued)
         return jobs, n
+
+    def _too_late(self, job: _Job) -> None:
+        """Refuse a queued job that can no longer be answered within its budget (503), so its batch
+        slot goes to a request that still can; the admission estimate was too hopeful for it."""
+        self.queued_images -= len(job.pixels)
+        metrics.ERRORS.labels(kind="overloaded").inc()
+        job.future.set_exception(Overloaded(
+            f"overloaded: the request waited past its latency budget of {self.max_latency_s:.2f} s for model "
+            f"{self.model!r} (IMGSERVE_MAX_LATENCY_MS); retry later", _retry_after(self.estimated_wait(0))))
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         self._busy = True

@@ -39,7 +39,7 @@ class Settings:
     batcher: str = "eager"
     small_model_ms: int = 5
     max_batch_size: int = 32
-    max_latency_ms: int = 10000
+    max_latency_ms: int = 1000
     max_queue: int = 512
     max_body_bytes: int = 20_000_000
     max_pixels: int = 40_000_000
@@ -121,7 +121,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         batcher=_choice(env, "IMGSERVE_BATCHER", "eager", tuple(list_batchers())),
         small_model_ms=_int(env, "IMGSERVE_SMALL_MODEL_MS", 5, lo=0),
         max_batch_size=_int(env, "IMGSERVE_MAX_BATCH_SIZE", 32, lo=2),
-        max_latency_ms=_int(env, "IMGSERVE_MAX_LATENCY_MS", 10000),
+        max_latency_ms=_int(env, "IMGSERVE_MAX_LATENCY_MS", 1000),
         max_queue=_int(env, "IMGSERVE_MAX_QUEUE", 512),
         max_body_bytes=_int(env, "IMGSERVE_MAX_BODY_BYTES", 20_000_000),
         max_pixels=_int(env, "IMGSERVE_MAX_PIXELS", 40_000_000),

@@ -31,7 +31,7 @@ from imgformat.bundle import BundleError
 from imgformat.preprocess import ImageError, stack
 from service import access, explain, metrics, metrics_labels, oip, onewrite, repository, timeouts
 from service.answer import answer, current_service, overloaded, refused
-from service.batching import Overloaded
+from service.batching import Overloaded, mark_arrival
 from service.config import Settings, load_settings
 from service.errors import Refused as _Refused
 from service.io import (MAX_IMAGES, TOO_LARGE_KEY, BadField, ClassifyBatchInput, ClassifyBatchOutput, ClassifyInput,
@@ -73,6 +73,7 @@ class GuardMiddleware:
             return await send({"type": "websocket.close", "code": 1008})  # policy violation, before accept
         if scope["type"] != "http" or access.is_public(scope["method"], scope["path"]):
             return await self.app(scope, receive, send)
+        mark_arrival()
         headers = dict(scope["headers"])
         if not self._authorized(headers):
             return await refused(_Refused("missing or wrong API key: send 'Authorization: Bearer <IMGSERVE_API_KEY>'",

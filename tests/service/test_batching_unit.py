@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from service.batching import Overloaded, create_batcher, list_batchers
+from service.batching import ARRIVED, Overloaded, create_batcher, list_batchers
 from service.errors import Refused
 
 
@@ -138,6 +139,43 @@ def test_overload_is_refused_with_retry_after(pool) -> None:
         b.check(3)
     assert err.value.retry_after == 1 and "retry later" in str(err.value)
     b.check(2)  # 1.0 s fits
+
+
+def test_time_before_admission_counts_against_the_budget(pool) -> None:
+    """A request that spent its budget reading its body is refused at once, whatever the queue."""
+    b = make("eager", FakeModel(), pool, max_latency_ms=200)
+
+    async def main() -> None:
+        ARRIVED.set(time.perf_counter() - 0.3)  # arrived 300 ms ago (slow upload, busy loop)
+        with pytest.raises(Overloaded):
+            b.check(1)
+        ARRIVED.set(time.perf_counter())
+        b.check(1)
+
+    asyncio.run(main())
+
+
+def test_a_queued_request_past_its_budget_is_refused_not_run(pool) -> None:
+    """While a long batch runs, a queued request whose budget runs out gets 503; the model never
+    spends a batch slot on an answer that would come too late. Work still in time is served."""
+    model = FakeModel()
+    b = make("eager", model, pool, max_latency_ms=100)
+
+    async def main():
+        model.gate.clear()
+        first = asyncio.create_task(b.infer(images(1, 1)))  # runs, held by the gate
+        await _wait_until(lambda: len(model.sizes) == 0 and b.queued_images == 0)
+        late = asyncio.create_task(b.infer(images(2, 1)))  # queued behind the held batch
+        await asyncio.sleep(0.2)  # past its 100 ms budget
+        model.gate.set()
+        assert (await first)[0, 0] == 1
+        with pytest.raises(Overloaded, match="latency budget"):
+            await late
+        b.per_image_s = 0.001  # the held batch was measured as 0.2 s per image; a real run is quick
+        assert (await b.infer(images(3, 1)))[0, 0] == 3  # a fresh request is in time
+
+    asyncio.run(main())
+    assert model.sizes == [1, 1], "the late request must not reach the model"
 
 
 def test_a_request_larger_than_the_queue_is_413_not_503(pool) -> None:

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Open-loop steps (loadtests/openloop.py) against imgserve and the peers of ../shared/bench/peers, in one run.
+#
+#   PEERS=/work/shared/bench/peers SLO_MS=1000 IMG=china.jpg loadtests/openloop_peers.sh imgserve torchserve litserve bentoml_nobatch
+#   PEER_BUNDLE=/path/to/bundle SLO_MS=100 IMG=digit.png loadtests/openloop_peers.sh imgserve torchserve ...
+#
+# Each server is started with the harness's own start script and venv ($PEERS_HOME, made by the harness's
+# setup.sh) under setsid, on the port the harness gives it, waited for (a 2xx answer), measured
+# closed-loop at c=8 for its capacity, offered STEPS x capacity for SECONDS each, then stopped by its
+# process group. imgserve is served from this checkout with IMGSERVE_MODELS=$PEER_BUNDLE (or $BUNDLE).
+# The rows go to $OUT/openloop.md (the harness's results.md format: paste under its tables) and
+# one JSON per server; the load average is written with each row.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PEERS=${PEERS:-/work/shared/bench/peers}; export PEERS_HOME=${PEERS_HOME:-/tmp/imgserve-peers}
+SLO_MS=${SLO_MS:-1000}; SECONDS_PER_STEP=${SECONDS_PER_STEP:-20}; STEPS=${STEPS:-0.5,0.9,1.2,2,4}
+OUT=${OUT:-$(mktemp -d /tmp/openloop-peers.XXXX)}; mkdir -p "$OUT"
+IMG=${IMG:?set IMG to the image every server gets}
+PY=${PY:-.venv/bin/python}
+
+# name -> "start script|port|path|multipart field"; the same table as the harness's peer_conf.
+declare -A CONF=(
+  [torchserve]="torchserve/start.sh|8080|/predictions/r18|images"
+  [litserve]="litserve/start.sh|8001|/predict|images"
+  [rayserve]="rayserve/start.sh|8002|/predict|images"
+  [bentoml_nobatch]="bentoml_nobatch/start.sh|3000|/classify|images"
+  [bentoml_naive10k]="bentoml_naive/start.sh|3000|/classify|images"
+)
+
+wait_2xx() { # URL FIELD: up to 300 s for one 2xx answer to the image
+  for _ in $(seq 300); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' -F "$2=@$IMG" "$1" || true)
+    [[ $code == 2* ]] && return 0; sleep 1
+  done; return 1
+}
+
+stop_group() { kill -TERM -- "-$1" 2>/dev/null || true; sleep 5; kill -KILL -- "-$1" 2>/dev/null || true; }
+
+for name in "$@"; do
+  if [ "$name" = imgserve ]; then
+    port=$($PY -c 'from service.launcher import free_port; print(free_port())'); path=/classify; field=image
+    IMGSERVE_MODELS=${PEER_BUNDLE:-${BUNDLE:?set PEER_BUNDLE or BUNDLE}} BENTOML_DO_NOT_TRACK=true \
+      setsid .venv/bin/bentoml serve service.service:ImgServe --host 127.0.0.1 --port "$port" > "$OUT/$name.log" 2>&1 &
+  else
+    IFS='|' read -r start port path field <<< "${CONF[$name]:?unknown server $name}"
+    [ "$name" = bentoml_naive10k ] && export R18_MAX_LATENCY_MS=10000
+    setsid bash "$PEERS/$start" "$port" > "$OUT/$name.log" 2>&1 &
+  fi
+  pid=$!; url="http://127.0.0.1:$port$path"
+  if wait_2xx "$url" "$field"; then
+    timeout $(( SECONDS_PER_STEP * 6 + 120 )) "$PY" -m loadtests.openloop --url "$url" --image "$IMG" --field "$field" \
+      --name "$name (load $(cut -d' ' -f1-3 /proc/loadavg))" --slo-ms "$SLO_MS" --seconds "$SECONDS_PER_STEP" \
+      --steps "$STEPS" --json "$OUT/$name.json" --md "$OUT/openloop.md" || echo "$name: open loop failed" >&2
+  else
+    echo "$name: no 2xx answer within 300 s (see $OUT/$name.log)" >&2
+  fi
+  stop_group "$pid"; unset R18_MAX_LATENCY_MS
+done
+echo "rows: $OUT/openloop.md (commit $(git rev-parse --short HEAD), $(date -u +%FT%TZ))"
