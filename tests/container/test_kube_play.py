@@ -134,6 +134,9 @@ def _config_and_secret_arrive(engine, cid: str, deployment: dict, docs: list[dic
     configmap = {d["name"] for c in deployment["spec"]["template"]["spec"]["containers"]
                  for d in (s.get("configMapRef") for s in c.get("envFrom", [])) if d}
     assert configmap, f"{name}: the Deployment reads no ConfigMap"
+    explicit = {e["name"] for c in deployment["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+    both = explicit & set(configmap_values(docs))
+    assert not both, f"{name}: {both} set in the ConfigMap and as env: podman kube play lets envFrom win, Kubernetes env"
     for key, value in configmap_values(docs).items():
         assert env.get(key) == str(value), f"{name}: {key}={env.get(key)!r}, the ConfigMap says {value!r}"
     limit = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]

@@ -62,8 +62,8 @@ def service_facts() -> dict:
     return {"routes": routes, "port": BentoMLContainer.http.port.get(), "env_names": env["_read"]}
 
 
-def test_the_three_overlays_exist() -> None:
-    assert {o.name for o in OVERLAYS} == {"baked", "mounted", "inflight-hpa"}, OVERLAYS
+def test_the_overlays_exist() -> None:
+    assert {o.name for o in OVERLAYS} >= {"baked", "mounted", "inflight-hpa", "gpu"}, OVERLAYS
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
@@ -244,3 +244,19 @@ def test_inflight_hpa_uses_the_metric_the_adapter_rule_exposes(rendered) -> None
     assert metric["pods"]["metric"]["name"] in {r["name"]["as"] for r in rules}
     # The same Deployment as the baked overlay, only the HPA differs.
     assert deployment(rendered["inflight-hpa"]) == deployment(rendered["baked"])
+
+
+def test_gpu_overlay_asks_for_one_gpu_and_is_otherwise_the_inflight_one(rendered) -> None:
+    gpu, cpu = deployment(rendered["gpu"]), deployment(rendered["inflight-hpa"])
+    c = container(rendered["gpu"])
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert c["image"].endswith("-gpu"), c["image"]
+    assert by_key(rendered["gpu"])[("ConfigMap", "imgserve-config")]["data"]["IMGSERVE_DEVICE"] == "cuda"
+    assert "IMGSERVE_DEVICE" not in {e["name"] for e in c["env"]}, "podman kube play lets envFrom win over env"
+    assert any(t["key"] == "nvidia.com/gpu" for t in gpu["spec"]["template"]["spec"]["tolerations"])
+    assert by_key(rendered["gpu"])[("HorizontalPodAutoscaler", "imgserve")] == \
+        by_key(rendered["inflight-hpa"])[("HorizontalPodAutoscaler", "imgserve")], "scaled on requests in flight"
+    # Nothing else differs from the inflight-hpa overlay's Deployment.
+    strip = lambda d: {**d, "spec": {**d["spec"], "template": {**d["spec"]["template"], "spec": {
+        k: v for k, v in d["spec"]["template"]["spec"].items() if k not in ("tolerations", "containers")}}}}
+    assert strip(gpu) == strip(cpu)
