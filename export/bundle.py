@@ -54,6 +54,7 @@ class ExportOptions:
     calib_samples: int = 256
     int8_eval_samples: int = 2000
     fp16: bool = False
+    explain: bool = True              # the CAM output and weights, where the architecture has them
     bentoml: bool = False
     force: bool = False
     seed: int = 0
@@ -177,6 +178,8 @@ def run_parity(ckpt: dict[str, Any], wrapped: torch.nn.Module, tmp: Path, opts: 
     onnx_path, ts_path = tmp / "model.onnx", tmp / "model.ts"
     split, why_not = explain.split_model(ckpt["model"]["name"], model if model is not None else wrapped.model,
                                          wrapped_input_chw(samples.images))
+    if not opts.explain:
+        split, why_not = None, "exported with --no-explain"
     graph = explain.CamClassifier(wrapped, split).eval() if split is not None else wrapped
     outputs = (OUTPUT_NAME, FEATURES_OUTPUT) if split is not None else (OUTPUT_NAME,)
     exporter, opset = export_onnx(graph, example, onnx_path, opset=opts.opset, exporter=opts.exporter,

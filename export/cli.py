@@ -39,6 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=int, default=256, help="training samples for INT8 calibration")
     q.add_argument("--int8-eval-samples", type=int, default=2000, help="held-out samples for the INT8 accuracy gate")
     q.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx for GPU serving")
+    q.add_argument("--no-explain", dest="explain", action="store_false",
+                   help="leave out the class-activation map output (docs/explain.md) even where the model has one")
     q.add_argument("--bentoml", action="store_true", help="import the bundle into the BentoML model store")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     opts = ExportOptions(name=args.name, version=args.version, samples=args.samples, samples_dir=args.samples_dir,
                          data_dir=args.data_dir, atol=args.atol, rtol=args.rtol, min_top1=args.min_top1 / 100.0,
-                         exporter=args.exporter, opset=args.opset, int8=args.int8, int8_max_drop=args.int8_max_drop,
+                         exporter=args.exporter, opset=args.opset, int8=args.int8, explain=args.explain, int8_max_drop=args.int8_max_drop,
                          calib_samples=args.calib_samples, int8_eval_samples=args.int8_eval_samples,
                          fp16=args.fp16, bentoml=args.bentoml, force=args.force, seed=args.seed)
     try:

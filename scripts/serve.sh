@@ -5,7 +5,8 @@
 #
 #   scripts/serve.sh [serve|build|bench|image]
 #
-# Without DATA: simple_cnn on Fashion-MNIST (2 epochs) -> runs/default, bundles/default.
+# Without DATA: gap_cnn on Fashion-MNIST (2 epochs) -> runs/default, bundles/default (gap_cnn ends in
+# global average pooling + a linear layer, so POST /explain serves its class-activation maps: docs/explain.md).
 # DATA=DIR (one subfolder of images per class; train/val/test subfolders are used when present):
 #   MODEL (default resnet18) trained EPOCHS (default 10) epochs in batches of BATCH (default 32:
 #   a folder of a few hundred images still gets several steps per epoch) at SIZE px (default: 224
@@ -26,7 +27,7 @@ log() { echo "[serve] $*"; }
 case "$MODE" in serve|build|bench|image) ;; *) echo "usage: $0 [serve|build|bench|image]" >&2; exit 2 ;; esac
 
 if [ -z "$DATA" ]; then
-  MODEL=${MODEL:-simple_cnn}
+  MODEL=${MODEL:-gap_cnn}
   NAME=${NAME:-default}
   train=(--model "$MODEL" --dataset fashion-mnist --epochs "${EPOCHS:-2}")
   export_extra=(--bentoml)   # the default model also goes to the BentoML store, for `bentoml build`

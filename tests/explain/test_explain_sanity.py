@@ -53,6 +53,7 @@ def test_randomising_the_last_layers_changes_the_map(gap_digits_run):
     rand = cams_from_torch(randomised.eval(), ckpt, images, classes)
     rho = [spearmanr(a.ravel(), b.ravel()).statistic for a, b in zip(trained, rand)]
     rho = np.nan_to_num(np.asarray(rho), nan=0.0)  # a flat map has no ranks: no correlation
+    print(f"randomisation: median Spearman {np.median(rho):.3f}, mean {rho.mean():.3f} over {len(rho)} images")
     assert np.median(rho) < 0.5, f"median Spearman {np.median(rho):.2f} between trained and randomised maps"
 
 
@@ -104,4 +105,6 @@ def test_map_peak_falls_in_the_deciding_patch(tmp_path):
     for h, (_, _, (top, left)) in zip(heat, held_out):
         y, x = np.unravel_index(np.argmax(h), h.shape)
         inside.append(top <= y < top + PATCH and left <= x < left + PATCH)
+    print(f"localisation: accuracy {(logits.argmax(1) == labels).mean():.1%}, peak inside the patch for "
+          f"{np.mean(inside):.1%} of {len(inside)} held-out images")
     assert np.mean(inside) >= 0.9, f"peak inside the patch for {np.mean(inside):.0%} of held-out images"
