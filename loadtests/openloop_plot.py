@@ -2,7 +2,7 @@
 
     .venv/bin/python -m loadtests.openloop_plot out/*.json --title "digits 1024 px PNG, load 6" --out docs/img/overload.png
 
-Offered load and goodput are in multiples of each server's own closed-loop capacity, so servers of
+Each line is labelled with its file name. Offered load and goodput are in multiples of each server's own closed-loop capacity, so servers of
 different speeds share the axes; the recovery phase is left out.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         run = json.loads(f.read_text())
         steps = [s for s in run["steps"] if s["name"] != "recovery"]
         x = [s["rate"] / run["capacity"] for s in steps]
-        ax_g.plot(x, [s["goodput"] / run["capacity"] for s in steps], "o-", label=run["server"])
-        ax_p.plot(x, [s["p99_ms"] / 1000 for s in steps], "o-", label=run["server"])
+        ax_g.plot(x, [s["goodput"] / run["capacity"] for s in steps], "o-", label=f.stem)
+        ax_p.plot(x, [s["p99_ms"] / 1000 for s in steps], "o-", label=f.stem)
     slo = run["slo_ms"] / 1000
     ax_g.set(xlabel="offered load (x closed-loop capacity)", ylabel=f"goodput: 2xx within {slo:g} s (x capacity)")
     ax_p.set(xlabel="offered load (x closed-loop capacity)", ylabel="p99 of 2xx answers (s, from due time)",
