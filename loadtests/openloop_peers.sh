@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Open-loop steps (loadtests/openloop.py) against imgserve and the peers of ../shared/bench/peers, in one run.
 #
-#   PEERS=/work/shared/bench/peers SLO_MS=1000 IMG=china.jpg loadtests/openloop_peers.sh imgserve torchserve litserve bentoml_nobatch
-#   PEER_BUNDLE=/path/to/bundle SLO_MS=100 IMG=digit.png loadtests/openloop_peers.sh imgserve torchserve ...
+#   PEER_BUNDLE=bundles/r18 SLO_MS=1000 IMG=china.jpg loadtests/openloop_peers.sh imgserve torchserve litserve bentoml_nobatch
+#   PEER_BUNDLE=bundles/m28 SLO_MS=100 IMG=digit.png loadtests/openloop_peers.sh imgserve torchserve ...
+#
+# Use PEER_BUNDLE (the harness's bundle mode): every server, imgserve included, then serves that
+# bundle's model.onnx. Without it the peers serve the harness's own ResNet ($PEERS_HOME/r18.onnx,
+# made by its run_all.sh) and imgserve needs BUNDLE: not the same model.
 #
 # Each server is started with the harness's own start script and venv ($PEERS_HOME, made by the harness's
 # setup.sh) under setsid, on the port the harness gives it, waited for (a 2xx answer), measured
@@ -27,8 +31,9 @@ declare -A CONF=(
   [bentoml_naive10k]="bentoml_naive/start.sh|3000|/classify|images"
 )
 
-wait_2xx() { # URL FIELD: up to 300 s for one 2xx answer to the image
+wait_2xx() { # URL FIELD PID: up to 300 s for one 2xx answer to the image, while PID lives
   for _ in $(seq 300); do
+    kill -0 "$3" 2>/dev/null || return 1
     code=$(curl -s -o /dev/null -w '%{http_code}' -F "$2=@$IMG" "$1" || true)
     [[ $code == 2* ]] && return 0; sleep 1
   done; return 1
@@ -47,12 +52,12 @@ for name in "$@"; do
     setsid bash "$PEERS/$start" "$port" > "$OUT/$name.log" 2>&1 &
   fi
   pid=$!; url="http://127.0.0.1:$port$path"
-  if wait_2xx "$url" "$field"; then
+  if wait_2xx "$url" "$field" "$pid"; then
     timeout $(( SECONDS_PER_STEP * 6 + 120 )) "$PY" -m loadtests.openloop --url "$url" --image "$IMG" --field "$field" \
       --name "$name (load $(cut -d' ' -f1-3 /proc/loadavg))" --slo-ms "$SLO_MS" --seconds "$SECONDS_PER_STEP" \
       --steps "$STEPS" --json "$OUT/$name.json" --md "$OUT/openloop.md" || echo "$name: open loop failed" >&2
   else
-    echo "$name: no 2xx answer within 300 s (see $OUT/$name.log)" >&2
+    echo "$name: exited or no 2xx answer within 300 s (see $OUT/$name.log)" >&2
   fi
   stop_group "$pid"; unset R18_MAX_LATENCY_MS
 done
