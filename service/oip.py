@@ -48,6 +48,9 @@ def _probabilities(logits: np.ndarray) -> np.ndarray:
 
 
 OUTPUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"logits": _logits, "probabilities": _probabilities}
+# The class-activation map of each image's top-1 class (docs/explain.md): sent only when asked for
+# by name, from models that explain; it runs the graph with the features output.
+HEATMAP = "heatmap"
 
 
 # -- health and metadata -------------------------------------------------------------------------
@@ -89,7 +92,9 @@ def metadata(m: ServedModel) -> dict[str, Any]:
     c = len(m.class_names)
     return {"name": m.name, "versions": [m.version], "platform": _PLATFORMS.get(m.backend.name, m.backend.name),
             "inputs": [{"name": _input_name(m), "datatype": "UINT8", "shape": [-1, *m.preprocessor.shape]}],
-            "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, c]} for n in OUTPUTS]}
+            "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, c]} for n in OUTPUTS]
+            + ([{"name": HEATMAP, "datatype": "FP32", "shape": [-1, *m.preprocessor.shape[:2]]}]
+               if m.explainer is not None else [])}
 
 
 async def model_config(request: Request) -> Response:
@@ -133,13 +138,20 @@ async def answer_infer(scope: dict, body: bytes | None, name: str, version: str 
         model = _resolve(svc, name, version)
         tensor, n = _one_input(model, req, svc.settings.max_images)
         outputs = _requested(model, req)
-        with model.batcher.admitted(n):
+        explainer = model.explainer if any(o.name == HEATMAP for o in outputs) else None
+        batcher = explainer.batcher if explainer is not None else model.batcher
+        heat = None
+        with batcher.admitted(n):
             pixels = await _pixels(svc, model, tensor)  # (N, H, W, C) uint8
-            logits = await model.batcher.infer(pixels)  # (N, num_classes) float32
+            if explainer is None:
+                logits = await model.batcher.infer(pixels)  # (N, num_classes) float32
+            else:
+                logits, _, heat = await explainer.maps(pixels, [None] * len(pixels))
         head = {"model_name": model.name, "model_version": model.version}
         if req.id is not None:
             head["id"] = req.id
-        out, headers = encode_response(head, [_output(model, o, logits) for o in outputs])
+        out, headers = encode_response(head, [_heatmap(o, heat) if o.name == HEATMAP else _output(model, o, logits)
+                                              for o in outputs])
         return Response(out, headers=headers)
 
     return await answer(run, "POST /v2/models/{name}/infer")
@@ -197,8 +209,16 @@ def _requested(model: ServedModel, req: InferRequest) -> list[RequestedOutput]:
     outs = req.outputs if req.outputs is not None else [RequestedOutput(n, None) for n in OUTPUTS]
     c = len(model.class_names)
     for o in outs:
-        if o.name not in OUTPUTS:
-            raise Refused(f"model {model.name!r} has no output {o.name!r}; outputs: {', '.join(OUTPUTS)}", 400,
+        if o.name == HEATMAP:
+            if model.explainer is None:
+                raise Refused(f"model {model.name!r} has no output 'heatmap': it has no explanations: "
+                              f"{model.no_explain}", 400, "no_explanations")
+            if o.classification:
+                raise Refused("output 'heatmap' is a map, not scores: classification does not apply", 400,
+                              "bad_classification")
+        elif o.name not in OUTPUTS:
+            names = [*OUTPUTS, HEATMAP] if model.explainer is not None else list(OUTPUTS)
+            raise Refused(f"model {model.name!r} has no output {o.name!r}; outputs: {', '.join(names)}", 400,
                           "bad_output")
         if o.classification > c:
             raise Refused(f"output {o.name!r}: classification {o.classification} is over the model's {c} classes", 400,
@@ -233,6 +253,11 @@ def _output(model: ServedModel, o: RequestedOutput, logits: np.ndarray) -> Outpu
         # "probabilities" is bit-for-bit /classify's score.
         rows += [f"{s!r}:{i}:{names[i]}".encode() for s, i in zip(vrow[irow].tolist(), irow)]
     return OutputTensor(o.name, "BYTES", (len(values), k), rows, o.binary)
+
+
+def _heatmap(o: RequestedOutput, heat: np.ndarray) -> OutputTensor:
+    """(N, H, W) maps of each image's top-1 class, values in [0, 1]."""
+    return OutputTensor(o.name, "FP32", heat.shape, heat.astype(np.float32), o.binary)
 
 
 # -- plumbing ------------------------------------------------------------------------------------

@@ -97,3 +97,28 @@ def test_concurrent_explanations_each_get_their_own_map(server, digits):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda d: post(server.url, d).json()["heatmap"]["values"], data * 3))
     assert together == alone * 3
+
+
+def test_oip_heatmap_is_an_output_requested_by_name(server, digits):
+    """OIP infer: 'heatmap' only when asked for, equal to /explain's map for the same pixels; a model
+    without explanations answers 400 with the reason."""
+    pixels = np.random.default_rng(0).integers(0, 256, size=(2, 8, 8, 1), dtype=np.uint8)
+    doc = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(pixels.shape),
+                       "data": pixels.ravel().tolist()}],
+           "outputs": [{"name": "heatmap"}, {"name": "probabilities"}]}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server.url + "/v2/models/gap/infer", json=doc, headers=auth, timeout=60)
+    assert r.status_code == 200, r.text
+    outs = {o["name"]: o for o in r.json()["outputs"]}
+    assert outs["heatmap"]["shape"] == [2, 8, 8] and outs["heatmap"]["datatype"] == "FP32"
+    heat = np.array(outs["heatmap"]["data"]).reshape(2, 8, 8)
+    png = io.BytesIO()
+    Image.fromarray(pixels[1, ..., 0], "L").save(png, format="PNG")
+    via_explain = np.array(post(server.url, png.getvalue()).json()["heatmap"]["values"])
+    assert np.abs(heat[1] - via_explain).max() <= 5e-5  # /explain rounds to 4 decimals
+    plain = httpx.post(server.url + "/v2/models/gap/infer", json={**doc, "outputs": None}, headers=auth, timeout=60)
+    assert {o["name"] for o in plain.json()["outputs"]} == {"logits", "probabilities"}
+    meta = httpx.get(server.url + "/v2/models/gap", headers=auth, timeout=10).json()
+    assert {"name": "heatmap", "datatype": "FP32", "shape": [-1, 8, 8]} in meta["outputs"]
+    refused = httpx.post(server.url + "/v2/models/plain/infer", json=doc, headers=auth, timeout=60)
+    assert refused.status_code == 400 and "no explanations" in refused.json()["error"], refused.text
