@@ -1,7 +1,8 @@
 "use strict";
 // The demo page. It uses the public API only: GET /models fills the model list, each chosen file
 // is sent to POST /classify as multipart (fields image, model, top_k), and the JSON answer or the
-// service's own error message is shown. Nothing is loaded from outside this server.
+// service's own error message is shown; for a model that explains, POST /explain's heatmap is laid
+// over the upload with an opacity slider. Nothing is loaded from outside this server.
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "imgserve.apiKey"; // sessionStorage: the key lives as long as the tab
@@ -134,6 +135,41 @@ async function classify() {
   $("predictions").replaceChildren(...body.predictions.map(predictionRow));
   $("result").dataset.file = chosen.name; // which upload this answer is for (the browser test waits on it)
   show("result", true);
+  explain(form, headers, mine);
+}
+
+// The class-activation map of the top-1 class, over the upload (models that explain; docs/explain.md).
+// The heatmap comes as its own PNG so the opacity slider needs no new request.
+async function explain(form, headers, mine) {
+  show("explain", false);
+  show("explain-none", false);
+  const m = models.find((x) => x.name === $("model").value);
+  if (!m || !m.explain || !m.explain.method) {
+    $("explain-none").textContent = `No heatmap for this model: ${m && m.explain ? m.explain.reason : "unknown"}`;
+    show("explain-none", true);
+    return;
+  }
+  form.append("heatmap", "png");
+  let r, body;
+  try {
+    [r, body] = await getJSON("/explain", { method: "POST", body: form, headers });
+  } catch (e) {
+    return;
+  }
+  if (mine !== latest || !r.ok || !body) return;
+  $("explained").textContent = `${body.explained.label} (${(body.explained.score * 100).toFixed(1)} %)`;
+  $("explain-base").src = $("preview").src;
+  const bytes = Uint8Array.from(atob(body.heatmap.heatmap_png), (c) => c.charCodeAt(0));
+  const heat = $("explain-heat");
+  if (heat.src) URL.revokeObjectURL(heat.src);
+  heat.src = URL.createObjectURL(new Blob([bytes], { type: "image/png" })); // the page's CSP allows blob:, not data:
+  setOpacity();
+  $("explain").dataset.file = chosen.name;
+  show("explain", true);
+}
+
+function setOpacity() {
+  $("explain-heat").style.opacity = String(Number($("opacity").value) / 100);
 }
 
 function setUp() {
@@ -142,6 +178,7 @@ function setUp() {
   $("model").addEventListener("change", () => { describeModel(); classify(); });
   $("topk").addEventListener("change", classify);
   $("again").addEventListener("click", classify);
+  $("opacity").addEventListener("input", setOpacity);
   $("file").addEventListener("change", (e) => choose(e.target.files[0]));
   const img = $("preview");
   img.addEventListener("load", () => {

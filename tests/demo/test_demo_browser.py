@@ -115,6 +115,29 @@ def test_demo_shows_what_classify_answers(browser, demo_server, files, artifacts
     assert errors == [], errors  # the failed upload's 4xx is logged by Chromium; nothing else may fail
 
 
+def test_demo_overlays_the_heatmap_with_an_opacity_slider(browser, demo_server, files, artifacts) -> None:
+    """fashion (gap_cnn) explains: the overlay of its top-1 class, the slider sets the heatmap's
+    opacity; digits (simple_cnn) does not, and the page says why."""
+    url = demo_server.url
+    open_demo(browser, url)
+    upload(browser, files["png"], "explain")
+    want = api_answer(url, files["png"], "fashion", 5).json()
+    top = want["predictions"][0]
+    assert browser.find_element(By.ID, "explained").text == f"{top['label']} ({top['score'] * 100:.1f} %)"
+    heat = browser.find_element(By.ID, "explain-heat")
+    WebDriverWait(browser, WAIT_S).until(lambda b: b.execute_script("return arguments[0].naturalWidth", heat) == 28)
+    assert heat.value_of_css_property("opacity") == "0.5"
+    slider = browser.find_element(By.ID, "opacity")
+    browser.execute_script("arguments[0].value = 80; arguments[0].dispatchEvent(new Event('input'))", slider)
+    assert heat.value_of_css_property("opacity") == "0.8"
+    browser.save_screenshot(str(artifacts / "demo-explain.png"))
+    Select(browser.find_element(By.ID, "model")).select_by_value("digits")
+    WebDriverWait(browser, WAIT_S).until(ec.visibility_of_element_located((By.ID, "explain-none")))
+    assert "global average pooling" in browser.find_element(By.ID, "explain-none").text
+    assert not browser.find_element(By.ID, "explain").is_displayed()
+    assert outside_loads(browser, url) == []
+
+
 def test_demo_at_phone_width(browser, demo_server, files, artifacts) -> None:
     browser.set_window_size(390, 844)  # a phone in portrait
     try:
