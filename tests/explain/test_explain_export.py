@@ -19,6 +19,19 @@ from training.models.registry import build_model
 PRE = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
 
+def cam_onnx(arch: str, classes: int, size: int, n: int, tmp_path):
+    """A randomly initialised ``arch`` exported with its features output, and ``n`` random images."""
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=classes, in_channels=3, input_size=size).eval()
+    wrapped = wrap_model(model, PRE)
+    split, _ = explain.split_model(arch, model, (3, size, size))
+    images = np.random.default_rng(0).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    path = tmp_path / "m.onnx"
+    export_onnx(explain.CamClassifier(wrapped, split).eval(), torch.from_numpy(images[:2]), path,
+                outputs=("logits", "features"))
+    return wrapped, split, images, path
+
+
 @pytest.mark.parametrize("arch", [*explain.RESNETS, "gap_cnn"])
 def test_every_resnet_and_gap_cnn_splits_into_features_and_head_exactly(arch):
     torch.manual_seed(0)
@@ -51,14 +64,7 @@ def test_one_by_one_feature_maps_are_refused():
 
 def test_resnet18_onnx_heatmaps_match_pytorch(tmp_path):
     """The CAM gate on a torchvision ResNet-18 (random weights, 64 px: 4x4 maps) end to end."""
-    torch.manual_seed(0)
-    model = build_model("resnet18", num_classes=5, in_channels=3, input_size=64).eval()
-    wrapped = wrap_model(model, PRE)
-    split, _ = explain.split_model("resnet18", model, (3, 64, 64))
-    images = np.random.default_rng(0).integers(0, 256, size=(6, 64, 64, 3), dtype=np.uint8)
-    path = tmp_path / "m.onnx"
-    export_onnx(explain.CamClassifier(wrapped, split).eval(), torch.from_numpy(images[:2]), path,
-                outputs=("logits", "features"))
+    wrapped, split, images, path = cam_onnx("resnet18", 5, 64, 6, tmp_path)
     assert [o.name for o in onnx.load(str(path)).graph.output] == ["logits", "features"]
     weights = explain.write_weights(split, tmp_path)
     report = explain.cam_parity(wrapped, split, path, weights, {"random": images}, atol=1e-4)
@@ -68,14 +74,7 @@ def test_resnet18_onnx_heatmaps_match_pytorch(tmp_path):
 def test_cam_gate_refuses_a_graph_whose_maps_disagree(tmp_path):
     from export.errors import GateError
 
-    torch.manual_seed(0)
-    model = build_model("gap_cnn", num_classes=3, in_channels=3, input_size=16).eval()
-    wrapped = wrap_model(model, PRE)
-    split, _ = explain.split_model("gap_cnn", model, (3, 16, 16))
-    images = np.random.default_rng(1).integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
-    path = tmp_path / "m.onnx"
-    export_onnx(explain.CamClassifier(wrapped, split).eval(), torch.from_numpy(images[:2]), path,
-                outputs=("logits", "features"))
+    wrapped, split, images, path = cam_onnx("gap_cnn", 3, 16, 4, tmp_path)
     wrong = explain.write_weights(split, tmp_path)[::-1].copy()  # another class's row for each class
     with pytest.raises(GateError, match="CAM parity gate failed"):
         explain.cam_parity(wrapped, split, path, wrong, {"random": images}, atol=1e-4)
