@@ -17,7 +17,9 @@ buckets between the old and the new boundary; every other user keeps the version
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -138,3 +140,39 @@ def _sticky(name: str, raw: Any) -> str | None:
     if not isinstance(raw, str) or not raw or not all(c.isalnum() or c in "-_" for c in raw):
         raise PolicyError(f"{name}.sticky: {raw!r} must be a header name, e.g. X-User-Id")
     return raw.lower()
+
+
+class PolicyFile:
+    """The policies from IMGSERVE_TRAFFIC, re-read when the file changes (mtime, size or inode: a
+    ConfigMap update swaps a symlink). A bad file is refused whole and the policies before it stay;
+    ``error`` says why until a good file replaces it."""
+
+    POLL_S = 0.5  # well inside the 2 s a change must take effect in
+
+    def __init__(self, path: str, served: Callable[[], Mapping[str, set[str]]]) -> None:
+        self.path, self.served = path, served
+        self.policies: dict[str, Policy] = {}
+        self.error = ""
+        self._seen: tuple[int, int, int] | None = None
+
+    def check(self) -> bool:
+        """Re-read the file if it changed; True when new policies took effect."""
+        try:
+            st = os.stat(self.path)
+            seen = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if seen == self._seen:
+                return False
+            self._seen = seen
+            with open(self.path, encoding="utf-8") as f:
+                policies = parse_text(f.read(), self.served())
+        except (OSError, UnicodeDecodeError, PolicyError) as e:
+            self.error = f"{self.path}: {e}"
+            return False
+        self.policies, self.error = policies, ""
+        return True
+
+    async def watch(self) -> None:
+        """Poll forever (a background task of the service)."""
+        while True:
+            self.check()
+            await asyncio.sleep(self.POLL_S)

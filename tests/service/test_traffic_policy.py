@@ -67,3 +67,23 @@ def test_without_sticky_the_split_follows_the_weights():
     for i in range(20_000):
         counts[bucket(f"u{i}")] += 1
     assert min(counts) > 120 and max(counts) < 290
+
+
+def test_the_policy_file_is_reread_on_change_and_a_bad_one_keeps_the_old(tmp_path):
+    import os
+
+    from service.traffic import PolicyFile
+
+    path = tmp_path / "traffic.yaml"
+    path.write_text(GOOD)
+    pf = PolicyFile(str(path), lambda: SERVED)
+    assert pf.check() and pf.policies["digits"].weights == (("v1", 90), ("v2", 10)) and not pf.check()
+    path.write_text("digits: {weights: {v1: 50, v2: 40}}")
+    os.utime(path, ns=(1, 1))  # a new mtime even within the file system's timestamp resolution
+    assert not pf.check() and pf.policies["digits"].weights == (("v1", 90), ("v2", 10))
+    assert "digits.weights: the weights sum to 90" in pf.error
+    path.write_text("digits: {weights: {v1: 50, v2: 50}}")
+    os.utime(path, ns=(2, 2))
+    assert pf.check() and pf.policies["digits"].weights == (("v1", 50), ("v2", 50)) and pf.error == ""
+    path.unlink()
+    assert not pf.check() and pf.policies["digits"].weights == (("v1", 50), ("v2", 50)) and pf.error
