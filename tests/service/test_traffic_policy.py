@@ -87,3 +87,11 @@ def test_the_policy_file_is_reread_on_change_and_a_bad_one_keeps_the_old(tmp_pat
     assert pf.check() and pf.policies["digits"].weights == (("v1", 50), ("v2", 50)) and pf.error == ""
     path.unlink()
     assert not pf.check() and pf.policies["digits"].weights == (("v1", 50), ("v2", 50)) and pf.error
+
+
+def test_the_example_policy_in_deploy_parses():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "deploy" / "traffic.example.yaml").read_text()
+    p = parse_text(text, SERVED)["digits"]
+    assert p.weights == (("v1", 90), ("v2", 10)) and p.shadow.fraction == 1.0 and p.sticky == "x-user-id"
