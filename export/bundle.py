@@ -26,10 +26,11 @@ from export.errors import ExportError, GateError
 from export import explain
 from export.onnx_export import DEFAULT_OPSET, OUTPUT_NAME, export_onnx, export_torchscript
 from export.parity import Tolerances, format_table, parity_gate
-from export.samples import SamplesError, resolve_samples
+from export.samples import Samples, SamplesError, resolve_samples
 from export.wrap import wrap_model
 import imgformat.bundle as mf
 from imgformat.cam import FEATURES_OUTPUT, WEIGHTS_FILE
+from imgformat import refstats
 from imgformat.constants import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, NAME_RE
 
 log = logging.getLogger(__name__)
@@ -165,9 +166,9 @@ def publish(tmp: Path, out: Path) -> None:
 
 def run_parity(ckpt: dict[str, Any], wrapped: torch.nn.Module, tmp: Path, opts: ExportOptions,
                echo: Callable[[str], None], model: torch.nn.Module | None = None
-               ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+               ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], Samples]:
     """Write model.onnx and model.ts into ``tmp`` and run the gates (logits, and the CAM heatmaps
-    when the architecture has them). Returns (files entries, parity report, explain section)."""
+    when the architecture has them). Returns (files entries, parity report, explain section, samples)."""
     try:
         samples = resolve_samples(ckpt, opts.samples, split="test", samples_dir=opts.samples_dir,
                                   data_dir=opts.data_dir, seed=opts.seed)
@@ -208,7 +209,8 @@ def run_parity(ckpt: dict[str, Any], wrapped: torch.nn.Module, tmp: Path, opts: 
         "model.onnx": mf.file_entry(onnx_path, "onnx", "fp32", opset=opset, exporter=exporter),
         "model.ts": mf.file_entry(ts_path, "torchscript", "fp32", exporter="torch.jit.trace"),
     }
-    return files, report, explain_gate(wrapped, split, why_not, onnx_path, samples.images, tmp, opts, echo)
+    explained = explain_gate(wrapped, split, why_not, onnx_path, samples.images, tmp, opts, echo)
+    return files, report, explained, samples
 
 
 def explain_gate(wrapped: torch.nn.Module, split: Any, why_not: str, onnx_path: Path, images: np.ndarray,
@@ -232,6 +234,14 @@ def explain_gate(wrapped: torch.nn.Module, split: Any, why_not: str, onnx_path: 
 def wrapped_input_chw(images: np.ndarray) -> tuple[int, int, int]:
     """(N, H, W, C) samples -> the model's (C, H, W)."""
     return images.shape[3], images.shape[1], images.shape[2]
+
+
+def reference_stats(wrapped: torch.nn.Module, samples: Samples) -> dict[str, Any]:
+    """The manifest's ``reference_stats``: the exported model on the held-out samples (already through
+    the one preprocessing path), so the service compares live traffic with what validation looked like."""
+    with torch.no_grad():
+        probs = torch.softmax(wrapped(torch.from_numpy(np.ascontiguousarray(samples.images))).float(), dim=1)
+    return refstats.compute(probs.numpy(), samples.images, samples.labels, samples.source)
 
 
 def build_manifest(ckpt: dict[str, Any], checkpoint: Path, name: str, version: str, files: dict[str, Any],
@@ -283,8 +293,8 @@ def export_bundle(checkpoint: str | os.PathLike, out: str | os.PathLike, options
     try:
         torch.manual_seed(opts.seed)
         wrapped = wrap_model(model, ckpt["preprocess"])
-        files, parity, explain_info = run_parity(ckpt, wrapped, tmp, opts, echo, model)
-        extra: dict[str, Any] = {"explain": explain_info}
+        files, parity, explain_info, samples = run_parity(ckpt, wrapped, tmp, opts, echo, model)
+        extra: dict[str, Any] = {"explain": explain_info, "reference_stats": reference_stats(wrapped, samples)}
         if opts.int8:
             from export.quantize import quantize_bundle
 

@@ -117,6 +117,20 @@ def _check_cross_fields(m: dict[str, Any], where: str | os.PathLike) -> None:
     for name in m["files"]:
         if os.path.basename(name) != name or name in (".", ".."):
             raise BundleError(f"{where}: file name {name!r} has path characters")
+    ref = m.get("reference_stats")
+    if ref is not None:
+        _check_reference_stats(ref, m["num_classes"], pre["channels"], where)
+
+
+def _check_reference_stats(ref: dict[str, Any], num_classes: int, channels: int, where: str | os.PathLike) -> None:
+    """The section's histograms must fit the model: one count per class, one bin count per bin."""
+    true = ref.get("true_class_counts")
+    if len(ref["predicted_class_counts"]) != num_classes or (true is not None and len(true) != num_classes):
+        raise BundleError(f"{where}: reference_stats class counts need {num_classes} entries")
+    if len(ref["confidence_counts"]) != ref["confidence_bins"]:
+        raise BundleError(f"{where}: reference_stats confidence_counts needs confidence_bins entries")
+    if len(ref["channel_mean"]) != channels or len(ref["channel_std"]) != channels:
+        raise BundleError(f"{where}: reference_stats needs {channels} channel_mean/channel_std values")
 
 
 def load_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:

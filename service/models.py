@@ -54,7 +54,8 @@ class ServedModel:
                 "max_batch_size": self.batcher.max_batch_size,
                 "explain": ({"method": "cam", "layer": self.explainer.layer} if self.explainer is not None
                             else {"method": None, "reason": self.no_explain}),
-                "batches_on": "event_loop" if getattr(self.batcher, "inline", False) else "inference_thread"}
+                "batches_on": "event_loop" if getattr(self.batcher, "inline", False) else "inference_thread",
+                "reference_stats": _reference_summary(m)}
 
     def warm_up(self) -> float:
         """Run batch sizes 1 and 2 (dynamic batch axis, kernel choice), and the largest batch too when
@@ -206,3 +207,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64)
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def _reference_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Whether drift can be scored for this model: old bundles have no reference statistics and
+    still serve, and /models says so instead of pretending."""
+    ref = manifest.get("reference_stats")
+    if ref is None:
+        return {"present": False, "reason": "bundle has no reference_stats (exported before they existed)"}
+    return {"present": True, "stats_version": ref["stats_version"], "samples": ref["samples"], "source": ref["source"]}

@@ -96,6 +96,7 @@ def test_model_selection_and_models_list(server, uploads) -> None:
     first = m["models"][0]
     assert first["class_names"] == [str(i) for i in range(10)] and first["backend"] == "onnx"
     assert first["device"] in ("cpu", "cuda") and first["input"]["dtype"] == "uint8"
+    assert first["reference_stats"]["present"] is True and first["reference_stats"]["stats_version"] == 1
 
 
 def test_startup_log_says_which_write_path_is_active(server) -> None:
