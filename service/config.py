@@ -25,6 +25,7 @@ class ModelSource:
     name: str | None  # None: take the manifest's name
     location: str  # a directory, or a BentoML model-store tag
     store: bool = False
+    version: str | None = None  # NAME@VERSION=...: the version label it serves under; None: the manifest's
 
 
 @dataclass(frozen=True)
@@ -58,14 +59,17 @@ class Settings:
 
 
 def parse_models(spec: str) -> tuple[ModelSource, ...]:
-    """``"bundles/default,r18=bundles/r18,store:imgserve-default:latest"`` -> sources."""
+    """``"bundles/default,r18=bundles/r18,digits@v2=bundles/b,store:imgserve-default:latest"`` -> sources."""
     out = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
         name, _, loc = item.rpartition("=") if "=" in item else (None, "", item)
+        name, at, version = (name or "").partition("@")
+        if at and not (name and version):
+            raise ConfigError(f"IMGSERVE_MODELS item {item!r}: write NAME@VERSION=LOCATION, both given")
         store = loc.startswith("store:")
-        out.append(ModelSource(name or None, loc[len("store:"):] if store else loc, store))
+        out.append(ModelSource(name or None, loc[len("store:"):] if store else loc, store, version or None))
     if not out:
         raise ConfigError("IMGSERVE_MODELS is empty; give a bundle directory, e.g. IMGSERVE_MODELS=bundles/default")
     return tuple(out)

@@ -38,10 +38,12 @@ class ServedModel:
     backend_threads: int = 0  # intra-op threads of the backend (CPU)
     explainer: Any = None     # service.explain.Explainer when the model serves /explain
     no_explain: str = ""      # else why not (the 400 /explain answers)
+    label: str = ""           # the version label it was configured under (NAME@VERSION=...), if any
 
     @property
     def version(self) -> str:
-        return str(self.bundle.manifest.get("version", ""))
+        """The configured label, else the manifest's version."""
+        return self.label or str(self.bundle.manifest.get("version", ""))
 
     def describe(self, precision: str) -> dict[str, Any]:
         """What GET /models shows for this model."""
@@ -128,7 +130,8 @@ def load_model(src: ModelSource, settings: Settings, executor: Executor) -> Serv
     batcher = create_batcher(settings.batcher, model=name, run=backend.run, executor=executor,
                              max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms,
                              max_queue=math.ceil(settings.max_queue / settings.workers))  # the bound is service-wide
-    return ServedModel(name, bundle, pre, backend, batcher, path, list(bundle.manifest["class_names"]), settings.threads)
+    return ServedModel(name, bundle, pre, backend, batcher, path, list(bundle.manifest["class_names"]), settings.threads,
+                       label=src.version or "")
 
 
 def _check_gates(bundle: Bundle, name: str, precision: str, allow: bool) -> None:

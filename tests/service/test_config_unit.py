@@ -25,6 +25,15 @@ def test_parse_models(spec: str, want: list) -> None:
     assert [(m.name, m.location, m.store) for m in parse_models(spec)] == want
 
 
+def test_parse_models_with_version_labels() -> None:
+    got = parse_models("digits@v1=bundles/a,digits@v2=store:d:2,bundles/c")
+    assert [(m.name, m.version, m.location, m.store) for m in got] == [
+        ("digits", "v1", "bundles/a", False), ("digits", "v2", "d:2", True), (None, None, "bundles/c", False)]
+    for bad in ("@v1=bundles/a", "digits@=bundles/a"):
+        with pytest.raises(ConfigError, match="NAME@VERSION=LOCATION"):
+            parse_models(bad)
+
+
 @pytest.mark.parametrize("env,msg", [
     ({"IMGSERVE_MODELS": " , "}, "IMGSERVE_MODELS is empty"),
     ({"IMGSERVE_MAX_BATCH_SIZE": "1"}, "IMGSERVE_MAX_BATCH_SIZE=1 must be >= 2"),

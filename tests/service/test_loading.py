@@ -159,3 +159,16 @@ def _recording(create):
         _recording.last_threads = kw["threads"]
         return create(*a, **kw)
     return wrapped
+
+
+def test_a_version_label_names_the_served_version(bundle: Path) -> None:
+    """NAME@VERSION=DIR serves the bundle under that version label; without one, the manifest's version."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.models import load_model
+
+    settings = load_settings({"IMGSERVE_MODELS": f"digits@canary={bundle},{bundle}", "IMGSERVE_THREADS": "1"})
+    with ThreadPoolExecutor(1) as pool:
+        labelled, plain = (load_model(src, settings, pool) for src in settings.models)
+    assert (labelled.name, labelled.version) == ("digits", "canary")
+    assert plain.version == str(plain.bundle.manifest["version"]) != "canary"
