@@ -107,3 +107,14 @@ def test_a_changed_weights_file_is_refused(gap_digits_bundle, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="explain"):
         load_bundle(copy)
+
+
+def test_no_explain_leaves_the_output_and_weights_out(gap_digits_run, tmp_path):
+    from export import export_bundle
+
+    out = export_bundle(gap_digits_run / "best.pt", tmp_path / "plain", name="plain", version="1", samples=8,
+                        explain=False)
+    manifest = load_bundle(out).manifest
+    assert manifest["explain"] == {"schema_version": 1, "supported": False, "reason": "exported with --no-explain"}
+    assert [o.name for o in onnx.load(str(out / "model.onnx")).graph.output] == ["logits"]
+    assert not (out / "cam_weights.npy").exists()
