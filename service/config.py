@@ -52,6 +52,8 @@ class Settings:
     max_model_bytes: int = 2_000_000_000  # a bundle's model file over this is refused before it is read
     allow_unchecked: bool = False  # serve bundles whose gates failed or never ran
     tracing: bool = False  # OpenTelemetry spans for requests (health probes and /metrics never)
+    grpc_port: int = 0  # IMGSERVE_GRPC_PORT: OIP v2 over gRPC on this port; 0 (unset): no gRPC server
+    grpc_host: str = "127.0.0.1"  # IMGSERVE_GRPC_HOST: 0.0.0.0 in the container, as its HTTP port
 
     def __repr__(self) -> str:  # never print the key
         return (f"Settings(models={self.models}, backend={self.backend}, precision={self.precision}, "
@@ -137,6 +139,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_model_bytes=_int(env, "IMGSERVE_MAX_MODEL_BYTES", 2_000_000_000),
         allow_unchecked=_bool(env, "IMGSERVE_ALLOW_UNCHECKED"),
         tracing=_bool(env, "IMGSERVE_TRACING"),
+        grpc_port=_int(env, "IMGSERVE_GRPC_PORT", 0, lo=0),
+        grpc_host=env.get("IMGSERVE_GRPC_HOST") or "127.0.0.1",
     )
 
 

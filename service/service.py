@@ -175,6 +175,20 @@ class ImgServe:
         tune_gc()
         self._ready = True
 
+    @bentoml.on_startup
+    async def start_grpc(self) -> None:
+        """OIP over gRPC (IMGSERVE_GRPC_PORT) on this worker's event loop: the same batcher as REST."""
+        self._grpc = None
+        if self.settings.grpc_port:
+            from service import grpc_oip  # grpcio loads only when gRPC is on
+
+            self._grpc = await grpc_oip.start(self, self.settings.grpc_host, self.settings.grpc_port)
+
+    @bentoml.on_shutdown
+    async def stop_grpc(self) -> None:
+        if getattr(self, "_grpc", None) is not None:
+            await self._grpc.stop(grace=5)
+
     def __is_ready__(self) -> bool:
         return self._ready
 

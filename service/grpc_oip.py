@@ -1,0 +1,240 @@
+"""Open Inference Protocol v2 over gRPC (KServe's ``GRPCInferenceService``, Triton's gRPC API).
+
+Runs inside the BentoML worker's event loop (``grpc.aio``, started by ``ImgServe.start_grpc``), so
+requests reach the same models, batcher, admission control and decoders as REST; nothing is loaded
+twice. The message classes are the compiled Triton ``grpc_service.proto`` that the ``tritonclient``
+wheel ships (``tritonclient.grpc.service_pb2``): generated code stays out of this module.
+The wire logic is ``service.oip``'s; only the message shapes differ. docs/protocol.md has the
+user's view.
+
+Rules as on REST: the API key (``authorization: Bearer KEY`` metadata) guards inference; health and
+metadata stay open; message sizes are capped by IMGSERVE_MAX_BODY_BYTES; a bad message fails alone.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from service import metrics, oip
+from service.batching import Overloaded
+from service.errors import Refused
+from service.oip_tensors import (InferRequest, InputTensor, OutputTensor, RequestedOutput, _check_count,
+                                 _from_binary, bad, join_bytes)
+
+logger = logging.getLogger(__name__)
+
+# HTTP status of a Refused -> gRPC status code (as Triton maps its errors).
+_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+          404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.FAILED_PRECONDITION,
+          413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
+SERVICE_NAME = "inference.GRPCInferenceService"
+
+
+class Abort(Exception):
+    """A gRPC error answer: code, message and trailing metadata (a retry hint)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, trailers: tuple = ()) -> None:
+        super().__init__(message)
+        self.code, self.trailers = code, trailers
+
+
+def _refused(e: Refused) -> Abort:
+    metrics.ERRORS.labels(kind=e.kind).inc()
+    return Abort(_CODES.get(e.status, grpc.StatusCode.INVALID_ARGUMENT), str(e))
+
+
+def _overloaded(e: Overloaded) -> Abort:
+    # gRPC has no Retry-After header: the hint travels as trailing metadata, as Triton's does not but
+    # clients can read it (docs/protocol.md).
+    return Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e} (retry after {e.retry_after} s)",
+                 (("retry-after", str(e.retry_after)),))
+
+
+# -- request messages -> service.oip_tensors types ----------------------------------------------
+def _param(p: Any) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(p, kind)
+
+
+def _input(t: Any, raw: bytes | None) -> InputTensor:
+    shape = tuple(t.shape)
+    if not shape or any(d < 0 for d in shape):
+        raise bad(f"input '{t.name}': 'shape' must be a list of non-negative integers, got {list(shape)}")
+    if raw is not None:
+        return InputTensor(t.name, t.datatype, shape, _from_binary(t.name, t.datatype, shape, memoryview(raw)))
+    if t.datatype == "BYTES":
+        return InputTensor(t.name, t.datatype, shape, _check_count(t.name, shape, list(t.contents.bytes_contents)))
+    if t.datatype != "UINT8":
+        raise bad(f"input '{t.name}': datatype {t.datatype!r} is not accepted; send UINT8 [N, H, W, C] "
+                  "preprocessed pixels or BYTES [N] encoded image files", "bad_dtype")
+    values = np.asarray(t.contents.uint_contents, dtype=np.int64)
+    if values.size and values.max() > 255:
+        raise bad(f"input '{t.name}': UINT8 values must be in 0..255", "bad_dtype")
+    n = int(np.prod(shape, dtype=object))
+    if values.size != n:
+        raise bad(f"input '{t.name}': shape {list(shape)} needs {n} values, got {values.size}", "bad_shape")
+    return InputTensor(t.name, t.datatype, shape, values.astype(np.uint8).reshape(shape))
+
+
+def parse(msg: Any) -> InferRequest:
+    """A ``ModelInferRequest`` -> InferRequest; Refused (INVALID_ARGUMENT) on any mistake."""
+    if not msg.inputs:
+        raise bad("the inference request needs at least one input")
+    raw = list(msg.raw_input_contents)
+    if raw and len(raw) != len(msg.inputs):
+        raise bad(f"{len(raw)} raw_input_contents for {len(msg.inputs)} inputs: give one per input or none",
+                  "bad_binary")
+    inputs = [_input(t, raw[i] if raw else None) for i, t in enumerate(msg.inputs)]
+    outputs, seen = [], set()
+    for o in msg.outputs:
+        if o.name in seen:
+            raise bad(f"output '{o.name}' is requested twice")
+        seen.add(o.name)
+        k = _param(o.parameters["classification"]) if "classification" in o.parameters else 0
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise bad(f"output '{o.name}': 'classification' must be a positive integer (top-k), got {k!r}",
+                      "bad_classification")
+        outputs.append(RequestedOutput(o.name, True, k))
+    return InferRequest(msg.id or None, inputs, outputs or None, True)
+
+
+def _response(model: Any, rid: str, outputs: list[OutputTensor]) -> Any:
+    out = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=rid)
+    for o in outputs:
+        out.outputs.add(name=o.name, datatype=o.datatype, shape=list(o.shape))
+        out.raw_output_contents.append(join_bytes(o.data) if o.datatype == "BYTES"
+                                       else np.ascontiguousarray(o.data, "<f4").tobytes())
+    return out
+
+
+# -- the servicer --------------------------------------------------------------------------------
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The KServe v2 / Triton gRPC methods on the running ``ImgServe`` instance ``svc``."""
+
+    def __init__(self, svc: Any) -> None:
+        self.svc = svc
+
+    async def _call(self, context: Any, fn: Callable[[], Any], guarded: bool = False) -> Any:
+        try:
+            if guarded:
+                self._authorize(context)
+            result = fn()
+            return await result if hasattr(result, "__await__") else result
+        except Refused as e:
+            err = _refused(e)
+        except Overloaded as e:
+            err = _overloaded(e)
+        except Abort as e:
+            err = e
+        if err.trailers:
+            context.set_trailing_metadata(err.trailers)
+        await context.abort(err.code, str(err))
+
+    def _authorize(self, context: Any) -> None:
+        key = self.svc.settings.api_key
+        if key is None:
+            return
+        got = dict(context.invocation_metadata() or ()).get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {key}".encode()):
+            metrics.ERRORS.labels(kind="unauthorized").inc()
+            raise Abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (metadata 'authorization: "
+                        "Bearer KEY')")
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=self.svc.__is_ready__() and bool(self.svc.models))
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return pb.ServerMetadataResponse(name=oip.SERVER_NAME, version=oip._version(), extensions=oip.EXTENSIONS)
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        # An unknown model is "not ready", not an error: what Triton answers and clients poll for.
+        try:
+            oip._resolve(self.svc, request.name, request.version or None)
+        except Refused:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        def answer() -> Any:
+            doc = oip.metadata(oip._resolve(self.svc, request.name, request.version or None))
+            tensors = lambda items: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in items]  # noqa: E731
+            return pb.ModelMetadataResponse(name=doc["name"], versions=doc["versions"], platform=doc["platform"],
+                                            inputs=tensors(doc["inputs"]), outputs=tensors(doc["outputs"]))
+        return await self._call(context, answer)
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        return await self._call(context, lambda: self._infer(request), guarded=True)
+
+    async def _infer(self, msg: Any) -> Any:
+        svc = self.svc
+        # No await between resolving the model and admission, as on REST.
+        model = oip._resolve(svc, msg.model_name, msg.model_version or None)
+        req = parse(msg)
+        tensor, n = oip._one_input(model, req, svc.settings.max_images)
+        outputs = oip._requested(model, req)
+        with model.batcher.admitted(n):
+            pixels = await oip._pixels(svc, model, tensor)
+            logits = await model.batcher.infer(pixels)
+        return _response(model, msg.id, [oip._output(model, o, logits) for o in outputs])
+
+
+# The methods served, each with its request message. They are registered with a bytes-in handler
+# (``_decoding``) instead of the generated registration: a message that does not decode answers
+# INVALID_ARGUMENT here, where grpc's own deserializer would answer UNKNOWN.
+METHODS = {"ServerLive": pb.ServerLiveRequest, "ServerReady": pb.ServerReadyRequest,
+           "ServerMetadata": pb.ServerMetadataRequest, "ModelReady": pb.ModelReadyRequest,
+           "ModelMetadata": pb.ModelMetadataRequest, "ModelInfer": pb.ModelInferRequest}
+
+
+def _decoding(method: Callable[[Any, Any], Any], message: Any) -> Callable[[bytes, Any], Any]:
+    async def handle(raw: bytes, context: Any) -> Any:
+        try:
+            request = message.FromString(raw)
+        except DecodeError as e:
+            metrics.ERRORS.labels(kind="bad_message").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a valid {message.DESCRIPTOR.name}: {e}")
+        return await method(request, context)
+    return handle
+
+
+def handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        name: grpc.unary_unary_rpc_method_handler(_decoding(getattr(servicer, name), message),
+                                                  response_serializer=lambda m: m.SerializeToString())
+        for name, message in METHODS.items()})
+
+
+def options(max_bytes: int) -> list[tuple[str, int]]:
+    """Message size caps, set explicitly (gRPC's default receive cap is 4 MiB, send unlimited)."""
+    return [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
+
+
+async def start(svc: Any, host: str, port: int) -> Any:
+    """Start the gRPC server on the running event loop; returns it (``await server.stop(grace)``)."""
+    server = grpc.aio.server(options=options(svc.settings.max_body_bytes))
+    # Not the generated add_..._to_server: its registered handlers decode before we can answer
+    # INVALID_ARGUMENT. Methods not in METHODS answer UNIMPLEMENTED.
+    server.add_generic_rpc_handlers((handlers(InferenceServicer(svc)),))
+    checker = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"gRPC: cannot bind {host}:{port}")
+    await server.start()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for name in ("", SERVICE_NAME):
+        result = checker.set(name, serving)
+        if hasattr(result, "__await__"):
+            await result
+    logger.info("imgserve gRPC (OIP v2) on %s:%d", host, port)
+    return server
