@@ -26,7 +26,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from service import metrics, oip
 from service.batching import Overloaded
 from service.errors import Refused
-from service.oip_tensors import (InferRequest, InputTensor, OutputTensor, RequestedOutput, _check_count,
+from service.oip_tensors import (DEFAULT_MAX_VALUES, InferRequest, InputTensor, OutputTensor, RequestedOutput, _check_count,
                                  _from_binary, bad, join_bytes)
 
 logger = logging.getLogger(__name__)
@@ -64,12 +64,12 @@ def _param(p: Any) -> Any:
     return None if kind is None else getattr(p, kind)
 
 
-def _input(t: Any, raw: bytes | None) -> InputTensor:
+def _input(t: Any, raw: bytes | None, max_values: int) -> InputTensor:
     shape = tuple(t.shape)
     if not shape or any(d < 0 for d in shape):
         raise bad(f"input '{t.name}': 'shape' must be a list of non-negative integers, got {list(shape)}")
     if raw is not None:
-        return InputTensor(t.name, t.datatype, shape, _from_binary(t.name, t.datatype, shape, memoryview(raw)))
+        return InputTensor(t.name, t.datatype, shape, _from_binary(t.name, t.datatype, shape, memoryview(raw), max_values))
     if t.datatype == "BYTES":
         return InputTensor(t.name, t.datatype, shape, _check_count(t.name, shape, list(t.contents.bytes_contents)))
     if t.datatype != "UINT8":
@@ -84,7 +84,7 @@ def _input(t: Any, raw: bytes | None) -> InputTensor:
     return InputTensor(t.name, t.datatype, shape, values.astype(np.uint8).reshape(shape))
 
 
-def parse(msg: Any) -> InferRequest:
+def parse(msg: Any, max_values: int = DEFAULT_MAX_VALUES) -> InferRequest:
     """A ``ModelInferRequest`` -> InferRequest; Refused (INVALID_ARGUMENT) on any mistake."""
     if not msg.inputs:
         raise bad("the inference request needs at least one input")
@@ -92,7 +92,7 @@ def parse(msg: Any) -> InferRequest:
     if raw and len(raw) != len(msg.inputs):
         raise bad(f"{len(raw)} raw_input_contents for {len(msg.inputs)} inputs: give one per input or none",
                   "bad_binary")
-    inputs = [_input(t, raw[i] if raw else None) for i, t in enumerate(msg.inputs)]
+    inputs = [_input(t, raw[i] if raw else None, max_values) for i, t in enumerate(msg.inputs)]
     outputs, seen = [], set()
     for o in msg.outputs:
         if o.name in seen:
@@ -122,10 +122,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, svc: Any) -> None:
         self.svc = svc
 
-    async def _call(self, context: Any, fn: Callable[[], Any], guarded: bool = False) -> Any:
+    async def _call(self, context: Any, fn: Callable[[], Any]) -> Any:
         try:
-            if guarded:
-                self._authorize(context)
             result = fn()
             return await result if hasattr(result, "__await__") else result
         except Refused as e:
@@ -138,15 +136,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             context.set_trailing_metadata(err.trailers)
         await context.abort(err.code, str(err))
 
-    def _authorize(self, context: Any) -> None:
+    def authorized(self, context: Any) -> bool:
         key = self.svc.settings.api_key
         if key is None:
-            return
+            return True
         got = dict(context.invocation_metadata() or ()).get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {key}".encode()):
-            metrics.ERRORS.labels(kind="unauthorized").inc()
-            raise Abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (metadata 'authorization: "
-                        "Bearer KEY')")
+        return hmac.compare_digest(got.encode(), f"Bearer {key}".encode())
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return pb.ServerLiveResponse(live=True)
@@ -174,13 +169,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._call(context, answer)
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        return await self._call(context, lambda: self._infer(request), guarded=True)
+        return await self._call(context, lambda: self._infer(request))
 
     async def _infer(self, msg: Any) -> Any:
         svc = self.svc
         # No await between resolving the model and admission, as on REST.
         model = oip._resolve(svc, msg.model_name, msg.model_version or None)
-        req = parse(msg)
+        req = parse(msg, oip._most_values(svc, model))
         tensor, n = oip._one_input(model, req, svc.settings.max_images)
         outputs = oip._requested(model, req)
         with model.batcher.admitted(n):
@@ -197,8 +192,19 @@ METHODS = {"ServerLive": pb.ServerLiveRequest, "ServerReady": pb.ServerReadyRequ
            "ModelMetadata": pb.ModelMetadataRequest, "ModelInfer": pb.ModelInferRequest}
 
 
-def _decoding(method: Callable[[Any, Any], Any], message: Any) -> Callable[[bytes, Any], Any]:
+# Answered without the API key, as REST's service/access.py opens only the health probes (and the
+# standard health service, registered apart).
+PUBLIC = frozenset({"ServerLive", "ServerReady"})
+
+
+def _decoding(servicer: InferenceServicer, name: str, message: Any) -> Callable[[bytes, Any], Any]:
+    method = getattr(servicer, name)
+
     async def handle(raw: bytes, context: Any) -> Any:
+        if name not in PUBLIC and not servicer.authorized(context):
+            metrics.ERRORS.labels(kind="unauthorized").inc()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong API key: send metadata 'authorization: Bearer <IMGSERVE_API_KEY>'")
         try:
             request = message.FromString(raw)
         except DecodeError as e:
@@ -210,7 +216,7 @@ def _decoding(method: Callable[[Any, Any], Any], message: Any) -> Callable[[byte
 
 def handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE_NAME, {
-        name: grpc.unary_unary_rpc_method_handler(_decoding(getattr(servicer, name), message),
+        name: grpc.unary_unary_rpc_method_handler(_decoding(servicer, name, message),
                                                   response_serializer=lambda m: m.SerializeToString())
         for name, message in METHODS.items()})
 

@@ -62,11 +62,13 @@ def _rest_probabilities(server, files: list[bytes]) -> np.ndarray:
 
 
 def test_health_and_metadata(client, grpc_server):
-    assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("digits") and not client.is_model_ready("nope")
-    meta = client.get_server_metadata()
+    assert client.is_server_live() and client.is_server_ready()  # public, as REST's health probes
+    assert client.is_model_ready("digits", headers=AUTH) and not client.is_model_ready("nope", headers=AUTH)
+    with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
+        client.get_model_metadata("digits")  # behind the key, as on REST
+    meta = client.get_server_metadata(headers=AUTH)
     assert meta.name == "imgserve" and "classification" in meta.extensions
-    m = client.get_model_metadata("digits")
+    m = client.get_model_metadata("digits", headers=AUTH)
     assert list(m.versions) == ["1"] and m.inputs[0].name == "image" and list(m.inputs[0].shape) == [-1, 8, 8, 1]
     with grpc.insecure_channel(grpc_server.grpc_url) as ch:  # the standard health protocol, no key needed
         stub = health_pb2_grpc.HealthStub(ch)
