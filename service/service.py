@@ -8,13 +8,8 @@ Configuration: IMGSERVE_* environment variables (``service.config``).
 """
 from __future__ import annotations
 
-import gc
-import hmac
 import io
 import logging
-import os
-import re
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
@@ -29,13 +24,14 @@ from starlette.routing import Route
 import bentoml
 from imgformat.bundle import BundleError
 from imgformat.preprocess import ImageError, stack
-from service import access, explain, metrics, metrics_labels, oip, onewrite, repository, timeouts
-from service.answer import answer, current_service, overloaded, refused
-from service.batching import Overloaded, mark_arrival
+from service import explain, metrics, metrics_labels, oip, onewrite, repository, timeouts
+from service.answer import answer, current_service
 from service.config import Settings, load_settings
 from service.errors import Refused as _Refused
-from service.io import (MAX_IMAGES, TOO_LARGE_KEY, BadField, ClassifyBatchInput, ClassifyBatchOutput, ClassifyInput,
+from service.guard import GuardMiddleware
+from service.io import (MAX_IMAGES, BadField, ClassifyBatchInput, ClassifyBatchOutput, ClassifyInput,
                         ClassifyOutput, json_response)
+from service.lifecycle import _stop_supervisor, tune_gc
 from service.models import ServedModel, load_models, softmax, top_k
 from service.models import top_k as best_k  # /explain's parameter `top_k` hides the function
 from service.pages import PagesMiddleware
@@ -46,74 +42,11 @@ logger = logging.getLogger(__name__)
 # each model's load and warm-up) never reach the server log.
 logging.getLogger("service").setLevel(logging.INFO)
 
-SETTINGS: Settings = load_settings()
+SETTINGS: Settings = load_settings()  # read at import: @bentoml.service(workers=...) below needs it
 onewrite.install()  # each answer in one socket write: a killed replica sends all of it or nothing
 timeouts.install()  # the request timeout's timer goes with its request, not 60 s later
 metrics_labels.install()  # HTTP metrics by route template (no path a client invents adds series); request ids
-_BYTE_COUNT = re.compile(rb"[0-9]{1,18}")  # a Content-Length int() reads instantly
 INLINE_DECODE_PIXELS = 128 * 128  # decode smaller images on the event loop (well under 1 ms)
-
-
-class GuardMiddleware:
-    """ASGI: the API key (401; every route but ``service.access``'s public list) and the body-size
-    limit (413) before BentoML sees the request, and early shedding (503) for inference.
-
-    BentoML reserves 401 for itself and parses the whole body before the API runs, so both checks
-    belong in front of it. The key is compared in constant time and never logged.
-    """
-
-    def __init__(self, app: Any, max_body_bytes: int, api_key: str | None) -> None:
-        self.app = app
-        self.max_body = max_body_bytes
-        self.key = f"Bearer {api_key}".encode() if api_key else None
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "websocket" and not self._authorized(dict(scope["headers"])):
-            metrics.ERRORS.labels(kind="unauthorized").inc()
-            return await send({"type": "websocket.close", "code": 1008})  # policy violation, before accept
-        if scope["type"] != "http" or access.is_public(scope["method"], scope["path"]):
-            return await self.app(scope, receive, send)
-        mark_arrival()
-        headers = dict(scope["headers"])
-        if not self._authorized(headers):
-            return await refused(_Refused("missing or wrong API key: send 'Authorization: Bearer <IMGSERVE_API_KEY>'",
-                                          401, "unauthorized"))(scope, receive, send)
-        length = headers.get(b"content-length")
-        if length is not None and (not _BYTE_COUNT.fullmatch(length) or int(length) > self.max_body):
-            return await self._too_large(scope, receive, send)
-        shed = _shed_early() if _inference(scope["path"]) else None
-        if shed is not None:
-            # Every model is over its latency budget: refuse before BentoML parses the form, the
-            # costliest part of a refusal. The body is drained first (it is within the size limit):
-            # closing on an unread body resets the connection and the client would lose the 503.
-            seen = 0
-            while True:
-                msg = await receive()
-                seen += len(msg.get("body", b""))
-                if not msg.get("more_body") or seen > self.max_body:
-                    break
-            metrics.ERRORS.labels(kind="overloaded").inc()
-            return await overloaded(shed)(scope, receive, send)
-        seen = 0
-
-        async def limited_receive() -> dict:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_body:  # chunked upload that grew too big: end the stream here
-                    scope[TOO_LARGE_KEY] = self.max_body
-                    return {"type": "http.disconnect"}
-            return msg
-
-        await self.app(scope, limited_receive, send)
-
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        return self.key is None or hmac.compare_digest(headers.get(b"authorization", b""), self.key)
-
-    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
-        await refused(_Refused(f"request body is over the limit of {self.max_body} bytes (IMGSERVE_MAX_BODY_BYTES)",
-                               413, "body_too_large"))(scope, receive, send)
 
 
 async def _models_view(request: Request) -> Response:
@@ -122,10 +55,6 @@ async def _models_view(request: Request) -> Response:
 
     return await answer(work, "GET /models")
 
-
-def _inference(path: str) -> bool:
-    """/classify* and OIP inference: the routes that early shedding refuses when every model is full."""
-    return path.startswith("/classify") or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
 
 # GET routes and the Open Inference Protocol (BentoML APIs are POST-only multipart/JSON with
@@ -191,6 +120,20 @@ class ImgServe:
 
     def __is_ready__(self) -> bool:
         return self._ready
+
+    @bentoml.on_startup
+    async def start_grpc(self) -> None:
+        """OIP over gRPC (IMGSERVE_GRPC_PORT) on this worker's event loop: the same batcher as REST."""
+        self._grpc = None
+        if self.settings.grpc_port:
+            from service import grpc_oip  # grpcio loads only when gRPC is on
+
+            self._grpc = await grpc_oip.start(self, self.settings.grpc_host, self.settings.grpc_port)
+
+    @bentoml.on_shutdown
+    async def stop_grpc(self) -> None:
+        if getattr(self, "_grpc", None) is not None:
+            await self._grpc.stop(grace=5)
 
     # -- helpers ---------------------------------------------------------------------------------
     def describe_models(self) -> dict[str, Any]:
@@ -325,48 +268,6 @@ class ImgServe:
         return await answer(run, "POST /explain")
 
 
-def _shed_early() -> Overloaded | None:
-    """The refusal when every served model would refuse one more image now, else None."""
-    try:
-        models = current_service().models
-    except Exception:  # not started yet (or shutting down): let the request through
-        return None
-    refusal = None
-    for m in models.values():
-        try:
-            m.batcher.check(1)
-        except Overloaded as e:
-            refusal = refusal or e
-        else:
-            return None
-    return refusal
-
-
-def tune_gc() -> None:
-    """Fewer, cheaper garbage collections once everything is loaded.
-
-    Each request allocates a few thousand short-lived objects (ASGI, BentoML, pydantic), so the
-    default gen-0 threshold of 700 ran a collection every request or so, and the older
-    generations kept re-scanning every module and model object loaded at start. Cycles are still
-    collected, only less often (figures: docs/performance.md).
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
-
-
-def _stop_supervisor(reason: str) -> None:
-    """A bad bundle or setting does not fix itself: log one line and stop `bentoml serve`, whose
-    supervisor would otherwise restart this worker every few seconds forever, never ready."""
-    logger.error("imgserve cannot start: %s", reason)
-    ppid = os.getppid()
-    try:
-        cmd = open(f"/proc/{ppid}/cmdline", "rb").read().split(b"\0")
-    except OSError:
-        return
-    if b"serve" in cmd and any(c.endswith((b"bentoml", b"bentoml.__main__")) for c in cmd):
-        os.kill(ppid, signal.SIGTERM)
-
 
 # The lean path (service/route.py), inside the guard: the form APIs' own functions and OIP inference,
 # without BentoML's per-request machinery around them.
@@ -376,7 +277,8 @@ FORM_ROUTES = {"/classify": FormRoute("classify", ClassifyInput, "image", MAX_IM
 OIP_ROUTES = {oip.INFER_PATH: oip.answer_infer}
 OIP_BUDGETS = {oip.INFER_PATH: oip.infer_values_budget}
 
-ImgServe.add_asgi_middleware(GuardMiddleware, max_body_bytes=SETTINGS.max_body_bytes, api_key=SETTINGS.api_key)
+ImgServe.add_asgi_middleware(GuardMiddleware, max_body_bytes=SETTINGS.max_body_bytes, api_key=SETTINGS.api_key,
+                             models=lambda: current_service().models)
 ImgServe.add_asgi_middleware(LeanRoute, routes=FORM_ROUTES, patterns=OIP_ROUTES, budgets=OIP_BUDGETS,
                              server_header="BentoML Service/imgserve")
 ImgServe.add_asgi_middleware(PagesMiddleware)  # / and /demo (BentoML's / loads a tracker from the internet)

@@ -74,7 +74,7 @@ def test_key_compared_in_constant_time(monkeypatch) -> None:
 
     calls, reached = [], []
     real = hmac.compare_digest
-    monkeypatch.setattr(svc_module.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
 
     async def app(scope, receive, send):
         reached.append(scope["path"])
