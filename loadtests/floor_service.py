@@ -18,7 +18,6 @@ from starlette.responses import Response
 
 import bentoml
 from service.io import ClassifyInput, ClassifyOutput, json_response
-from service.io import MAX_IMAGES
 from service.route import FormRoute, LeanRoute
 from service.service import SERVICE_OPTIONS, SETTINGS, GuardMiddleware, tune_gc
 
@@ -38,5 +37,5 @@ class Floor:
 
 
 Floor.add_asgi_middleware(GuardMiddleware, max_body_bytes=SETTINGS.max_body_bytes, api_key=SETTINGS.api_key)
-Floor.add_asgi_middleware(LeanRoute, routes={"/classify": FormRoute("classify", ClassifyInput, "image", MAX_IMAGES)},
+Floor.add_asgi_middleware(LeanRoute, routes={"/classify": FormRoute("classify", ClassifyInput, "image", SETTINGS.max_images)},
                           server_header="BentoML Service/imgserve-floor")

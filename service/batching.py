@@ -115,8 +115,8 @@ class _Base:
 
     def estimated_wait(self, extra: int = 1) -> float:
         # Little's law: wait = images in flight x time per image at the measured throughput.
-        # Inference time alone missed decoding: with 1024 px PNGs and a small model, 4x overload
-        # waited 10 s without one 503 (tests/reliability).
+        # Inference time alone misses decoding, which dominates for big images and a small model: the
+        # overload tests in tests/reliability hold the latency budget only with the wall-clock rate.
         return (self.in_flight + extra) * max(self.cost_s, self.per_image_s)
 
     @contextlib.contextmanager
@@ -189,8 +189,8 @@ class EagerBatcher(_Base):
     - on the inference thread (default): the event loop keeps parsing and decoding meanwhile;
     - ``inline`` on the event loop, for models whose largest batch takes a few milliseconds (set
       by ``service.models``, IMGSERVE_SMALL_MODEL_MS). For such a model the hand-off to a thread
-      (two context switches and a GIL hand-back that waits up to the 5 ms switch interval while
-      the loop is busy) costs more than the model, and the event loop is blocked no longer than
+      (two context switches and a GIL hand-back that waits for the interpreter's switch interval
+      while the loop is busy) costs more than the model, and the event loop is blocked no longer than
       one small batch. The run is deferred with ``call_soon`` so every
       request that reaches the batcher in the same loop iteration joins the batch.
     """

@@ -26,7 +26,6 @@ import multipart
 from starlette.responses import Response
 
 import bentoml
-from service.config import load_settings
 
 
 class ImageUpload(pathlib.PurePosixPath):
@@ -65,7 +64,6 @@ class Upload:
 
 
 MAX_TEXT_FIELDS = 32
-MAX_IMAGES = load_settings().max_images  # files per request (IMGSERVE_MAX_IMAGES)
 
 
 def form_fields(content_type: str, body: bytes | None, scope: dict, cls: type[bentoml.IODescriptor], file_field: str,
@@ -201,7 +199,7 @@ def header(scope: dict, name: bytes) -> str | None:
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """A raw starlette Response: skips BentoML's output-schema work (~1 ms per response here)."""
+    """A raw starlette Response: skips BentoML's output-schema work (its cost: docs/performance.md)."""
     return Response(json.dumps(body, separators=(",", ":")).encode(), status_code=status,
                     media_type="application/json", headers=headers)
 

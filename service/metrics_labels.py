@@ -2,7 +2,7 @@
 
 BentoML 1.4's ``RunnerTrafficMetricsMiddleware`` (bentoml/_internal/server/http/instruments.py, the
 one ``_bentoml_impl/server/app.py`` installs) labels every series with ``endpoint=scope["path"]``:
-each distinct path a client invents, routed or not, adds about 20 series to /metrics and to the
+each distinct path a client invents, routed or not, adds a set of series to /metrics and to the
 worker's memory, for good. Here the same middleware sees the route's template instead
 (``/v2/models/{name}/infer``; model names are in our own ``imgserve_*`` metrics), and every path the
 app does not serve shares the one label ``UNKNOWN``. The real path is back in the scope before any

@@ -63,9 +63,9 @@ class ServedModel:
         """Run batch sizes 1 and 2 (dynamic batch axis, kernel choice), and the largest batch too when
         it is cheap; every run hands its memory back. Returns the seconds taken.
 
-        The largest batch of a big model (ResNet-18: 32 x 17 ms) alone would take most of the 1 s
-        a load may cost; its per-image cost is then estimated from batch 2, where this CPU runs
-        within about 10 % of batch 32's rate.
+        The largest batch of a big model alone would take most of the time a load may cost; its
+        per-image cost is then estimated from batch 2, whose per-image rate is close to the largest
+        batch's on CPU.
         """
         t0 = time.perf_counter()
         big = self.batcher.max_batch_size

@@ -34,7 +34,7 @@ SERVER_NAME = "imgserve"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 _HEADER_LENGTH_KEY = HEADER_LENGTH.encode()  # as ASGI scope headers hold it
 STRUCTURE_VALUES = 1024  # JSON values of a request besides its pixels: names, shapes, outputs, parameters
-INLINE_PARSE_BYTES = 256 * 1024  # bodies up to this size are parsed on the event loop (well under 1 ms)
+INLINE_PARSE_BYTES = 256 * 1024  # bodies up to this size are parsed on the event loop: cheaper than a thread hand-off
 _PLATFORMS = {"onnx": "onnx_onnxv1", "torchscript": "pytorch_torchscript"}  # OIP's platform names
 
 

@@ -29,7 +29,7 @@ from service.answer import answer, current_service
 from service.config import Settings, load_settings
 from service.errors import Refused as _Refused
 from service.guard import GuardMiddleware
-from service.io import (MAX_IMAGES, BadField, ClassifyBatchInput, ClassifyBatchOutput, ClassifyInput,
+from service.io import (BadField, ClassifyBatchInput, ClassifyBatchOutput, ClassifyInput,
                         ClassifyOutput, json_response)
 from service.lifecycle import _stop_supervisor, tune_gc
 from service.models import ServedModel, load_models, softmax, top_k
@@ -46,7 +46,7 @@ SETTINGS: Settings = load_settings()  # read at import: @bentoml.service(workers
 onewrite.install()  # each answer in one socket write: a killed replica sends all of it or nothing
 timeouts.install()  # the request timeout's timer goes with its request, not 60 s later
 metrics_labels.install()  # HTTP metrics by route template (no path a client invents adds series); request ids
-INLINE_DECODE_PIXELS = 128 * 128  # decode smaller images on the event loop (well under 1 ms)
+INLINE_DECODE_PIXELS = 128 * 128  # decode smaller images on the event loop: cheaper than a thread hand-off
 
 
 async def _models_view(request: Request) -> Response:
@@ -63,8 +63,8 @@ extra_routes = Starlette(routes=[Route("/models", _models_view, methods=["GET"])
 
 
 # OpenTelemetry's ASGI middleware matches these regexes anywhere in the full URL ("/" would match
-# every URL). Tracing is off unless IMGSERVE_TRACING=1: the middleware's spans cost about a tenth of
-# the event loop, and they go nowhere until an exporter is configured in BentoML's configuration.
+# every URL). Tracing is off unless IMGSERVE_TRACING=1: the middleware's spans cost a noticeable share of
+# the event loop (docs/performance.md), and they go nowhere until an exporter is configured in BentoML's configuration.
 TRACED_NONE = [".*"]
 TRACED_NOT = [r"^[a-z]+://[^/]+/(livez|readyz|healthz|metrics|v2/health/live|v2/health/ready)/?$"]
 
@@ -73,7 +73,7 @@ TRACED_NOT = [r"^[a-z]+://[^/]+/(livez|readyz|healthz|metrics|v2/health/live|v2/
 SERVICE_OPTIONS: dict[str, Any] = dict(
     workers=SETTINGS.workers,  # IMGSERVE_WORKERS; docs/performance.md says when more than one pays
     traffic={"timeout": SETTINGS.timeout_s},
-    logging={"access": {"enabled": False}},  # ~1 ms of event-loop time per request
+    logging={"access": {"enabled": False}},  # costs event-loop time on every request (docs/performance.md)
     tracing={"excluded_urls": TRACED_NOT if SETTINGS.tracing else TRACED_NONE},
     metrics={"enabled": True},
 )
@@ -120,20 +120,6 @@ class ImgServe:
 
     def __is_ready__(self) -> bool:
         return self._ready
-
-    @bentoml.on_startup
-    async def start_grpc(self) -> None:
-        """OIP over gRPC (IMGSERVE_GRPC_PORT) on this worker's event loop: the same batcher as REST."""
-        self._grpc = None
-        if self.settings.grpc_port:
-            from service import grpc_oip  # grpcio loads only when gRPC is on
-
-            self._grpc = await grpc_oip.start(self, self.settings.grpc_host, self.settings.grpc_port)
-
-    @bentoml.on_shutdown
-    async def stop_grpc(self) -> None:
-        if getattr(self, "_grpc", None) is not None:
-            await self._grpc.stop(grace=5)
 
     # -- helpers ---------------------------------------------------------------------------------
     def describe_models(self) -> dict[str, Any]:
@@ -271,9 +257,9 @@ class ImgServe:
 
 # The lean path (service/route.py), inside the guard: the form APIs' own functions and OIP inference,
 # without BentoML's per-request machinery around them.
-FORM_ROUTES = {"/classify": FormRoute("classify", ClassifyInput, "image", MAX_IMAGES),
-               "/classify_batch": FormRoute("classify_batch", ClassifyBatchInput, "images", MAX_IMAGES),
-               "/explain": FormRoute("explain", explain.ExplainInput, "image", MAX_IMAGES)}
+FORM_ROUTES = {"/classify": FormRoute("classify", ClassifyInput, "image", SETTINGS.max_images),
+               "/classify_batch": FormRoute("classify_batch", ClassifyBatchInput, "images", SETTINGS.max_images),
+               "/explain": FormRoute("explain", explain.ExplainInput, "image", SETTINGS.max_images)}
 OIP_ROUTES = {oip.INFER_PATH: oip.answer_infer}
 OIP_BUDGETS = {oip.INFER_PATH: oip.infer_values_budget}
 

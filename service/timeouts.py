@@ -2,8 +2,8 @@
 
 ``TimeoutMiddleware`` arms ``loop.call_later(timeout, ...)`` per request and never cancels it, so
 each answered request keeps a timer handle, its future and their closures alive for the whole
-timeout (60 s by default): memory grew with the request rate (about 0.8 KiB per request, on every
-route, /livez included) until the timers fired. ``install`` cancels the timer once the request is
+timeout (60 s by default): memory grew with the request rate (on every route, /livez included)
+until the timers fired. ``install`` cancels the timer once the request is
 done; the timeout's meaning (504 when no response has started in time) is unchanged.
 """
 from __future__ import annotations

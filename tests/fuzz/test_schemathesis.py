@@ -28,7 +28,7 @@ def _alive(server) -> None:
 
 
 def test_the_service_openapi_document(fuzz_server) -> None:
-    out = schemathesis(fuzz_server, fuzz_server.url + "/docs.json", 40)
+    out = schemathesis(fuzz_server, fuzz_server.url + "/docs.json", 30)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert "passed" in out.stdout and "Server error" not in out.stdout
     _alive(fuzz_server)
@@ -36,7 +36,7 @@ def test_the_service_openapi_document(fuzz_server) -> None:
 
 def test_the_open_inference_protocol(fuzz_server) -> None:
     # Unloading the one model would make readiness 503 on purpose; every other repository call is fuzzed.
-    out = schemathesis(fuzz_server, str(ROOT / "docs" / "openapi" / "oip.yaml"), 50,
+    out = schemathesis(fuzz_server, str(ROOT / "docs" / "openapi" / "oip.yaml"), 40,
                        "--exclude-operation-id", "repository-unload")
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert "Server error" not in out.stdout
