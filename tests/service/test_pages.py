@@ -54,7 +54,7 @@ def test_our_scripts_name_no_other_origin(server, asset: str) -> None:
 def test_landing_links_the_demo_and_demo_calls_the_public_api(server) -> None:
     assert 'href="/demo"' in fetch(server, "/").text
     js = fetch(server, "/assets/demo.js").text
-    assert set(re.findall(r'"(/[a-z_]+)"', js)) == {"/models", "/classify"}
+    assert set(re.findall(r'"(/[a-z_]+)"', js)) == {"/models", "/classify", "/explain"}
 
 
 def test_models_in_openapi(server) -> None:
