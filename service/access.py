@@ -13,6 +13,8 @@ Public, and why (docs/operations.md, "Access"):
 """
 from __future__ import annotations
 
+import hmac
+
 PUBLIC_PATHS = frozenset({
     "/livez", "/readyz", "/healthz", "/v2/health/live", "/v2/health/ready",  # health probes
     "/", "/demo", "/docs", "/docs.json", "/models",  # pages, the API description, the demo's model list
@@ -25,3 +27,9 @@ PUBLIC_METHODS = frozenset({"GET", "HEAD"})
 def is_public(method: str, path: str) -> bool:
     """True when ``method path`` is answered without the API key."""
     return method in PUBLIC_METHODS and (path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES))
+
+
+def bearer_matches(sent: bytes, key: str | None) -> bool:
+    """True when no key is set, or ``sent`` (an Authorization header or gRPC metadata value) is exactly
+    ``Bearer KEY``. Compared in constant time; REST's guard and gRPC share it so the rule is one."""
+    return key is None or hmac.compare_digest(sent, f"Bearer {key}".encode())

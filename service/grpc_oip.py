@@ -12,7 +12,6 @@ metadata stay open; message sizes are capped by IMGSERVE_MAX_BODY_BYTES; a bad m
 """
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any, Callable
 
@@ -23,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service import metrics, oip
+from service import access, metrics, oip
 from service.batching import Overloaded
 from service.errors import Refused
 from service.oip_tensors import (DEFAULT_MAX_VALUES, InferRequest, InputTensor, OutputTensor, RequestedOutput, _check_count,
@@ -137,11 +136,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await context.abort(err.code, str(err))
 
     def authorized(self, context: Any) -> bool:
-        key = self.svc.settings.api_key
-        if key is None:
-            return True
         got = dict(context.invocation_metadata() or ()).get("authorization", "")
-        return hmac.compare_digest(got.encode(), f"Bearer {key}".encode())
+        return access.bearer_matches(got.encode(), self.svc.settings.api_key)
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return pb.ServerLiveResponse(live=True)

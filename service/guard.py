@@ -2,7 +2,6 @@
 It learns the served models from a callable, so it never imports service.service."""
 from __future__ import annotations
 
-import hmac
 import re
 from typing import Any, Callable, Mapping, Optional
 
@@ -28,7 +27,7 @@ class GuardMiddleware:
         self.app = app
         self.models = models  # the served models (raises before they exist); None: no early shedding
         self.max_body = max_body_bytes
-        self.key = f"Bearer {api_key}".encode() if api_key else None
+        self.key = api_key or None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket" and not self._authorized(dict(scope["headers"])):
@@ -72,7 +71,7 @@ class GuardMiddleware:
         await self.app(scope, limited_receive, send)
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        return self.key is None or hmac.compare_digest(headers.get(b"authorization", b""), self.key)
+        return access.bearer_matches(headers.get(b"authorization", b""), self.key)
 
     async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
         await refused(_Refused(f"request body is over the limit of {self.max_body} bytes (IMGSERVE_MAX_BODY_BYTES)",
