@@ -54,6 +54,7 @@ class Settings:
     tracing: bool = False  # OpenTelemetry spans for requests (health probes and /metrics never)
     grpc_port: int = 0  # IMGSERVE_GRPC_PORT: OIP v2 over gRPC on this port; 0 (unset): no gRPC server
     grpc_host: str = "127.0.0.1"  # IMGSERVE_GRPC_HOST: 0.0.0.0 in the container, as its HTTP port
+    traffic: str | None = None  # IMGSERVE_TRAFFIC: the traffic policy file (docs/rollouts.md); None: none
 
     def __repr__(self) -> str:  # never print the key
         return (f"Settings(models={self.models}, backend={self.backend}, precision={self.precision}, "
@@ -141,6 +142,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         tracing=_bool(env, "IMGSERVE_TRACING"),
         grpc_port=_int(env, "IMGSERVE_GRPC_PORT", 0, lo=0),
         grpc_host=env.get("IMGSERVE_GRPC_HOST") or "127.0.0.1",
+        traffic=env.get("IMGSERVE_TRAFFIC") or None,
     )
 
 

@@ -145,6 +145,8 @@ class ExplainInput(bentoml.IODescriptor):
     heatmap: Optional[str] = Field(None, description="array (default): the map at the model's input size, "
                                    "values in [0, 1]; png: a PNG overlay on the uploaded image (base64); both.")
     opacity: Optional[float] = Field(None, ge=0, le=1, description="Overlay opacity, 0..1 (default 0.5).")
+    version: Optional[str] = Field(None, description="Model version (GET /models); absent: the traffic policy "
+                                   "chooses (docs/rollouts.md).")
 
 
 class ExplainOutput(bentoml.IODescriptor):

@@ -169,14 +169,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, msg: Any) -> Any:
         svc = self.svc
-        # No await between resolving the model and admission, as on REST.
-        model = oip._resolve(svc, msg.model_name, msg.model_version or None)
+        # No await between choosing the version and admission, as on REST (the traffic policy's
+        # weights apply when the request names no model_version).
+        choice = svc.versions.choose(msg.model_name, msg.model_version or None, ())
+        model = choice.live
         req = parse(msg, oip._most_values(svc, model))
         tensor, n = oip._one_input(model, req, svc.settings.max_images)
         outputs = oip._requested(model, req)
         with model.batcher.admitted(n):
             pixels = await oip._pixels(svc, model, tensor)
             logits = await model.batcher.infer(pixels)
+        svc.shadows.start(model, choice.shadow, pixels, logits)
         return _response(model, msg.id, [oip._output(model, o, logits) for o in outputs])
 
 

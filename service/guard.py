@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Mapping, Optional
 
-from service import access, metrics
+from service import access, metrics, traffic
 from service.answer import overloaded, refused
 from service.batching import Overloaded, mark_arrival
 from service.errors import Refused as _Refused
@@ -36,6 +36,7 @@ class GuardMiddleware:
         if scope["type"] != "http" or access.is_public(scope["method"], scope["path"]):
             return await self.app(scope, receive, send)
         mark_arrival()
+        traffic.HEADERS.set(scope["headers"])  # a traffic policy's sticky header (service/versions.py)
         headers = dict(scope["headers"])
         if not self._authorized(headers):
             return await refused(_Refused("missing or wrong API key: send 'Authorization: Bearer <IMGSERVE_API_KEY>'",

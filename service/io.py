@@ -163,6 +163,8 @@ class ClassifyInput(bentoml.IODescriptor):
                                  examples=[None])
     top_k: Optional[int] = Field(None, ge=1, description="How many classes to return, 1..num_classes (default 5, "
                                  "or every class of a model with fewer).", examples=[5])
+    version: Optional[str] = Field(None, description="Model version (GET /models): always answered by that version; "
+                                   "absent: the model's traffic policy chooses (docs/rollouts.md).", examples=[None])
 
 
 class ClassifyBatchInput(bentoml.IODescriptor):
@@ -173,6 +175,8 @@ class ClassifyBatchInput(bentoml.IODescriptor):
                                  examples=[None])
     top_k: Optional[int] = Field(None, ge=1, description="How many classes to return per image, 1..num_classes "
                                  "(default 5, or every class of a model with fewer).", examples=[5])
+    version: Optional[str] = Field(None, description="Model version (GET /models): always answered by that version; "
+                                   "absent: the model's traffic policy chooses (docs/rollouts.md).", examples=[None])
 
 
 class Prediction(bentoml.IODescriptor):

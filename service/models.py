@@ -39,6 +39,7 @@ class ServedModel:
     explainer: Any = None     # service.explain.Explainer when the model serves /explain
     no_explain: str = ""      # else why not (the 400 /explain answers)
     label: str = ""           # the version label it was configured under (NAME@VERSION=...), if any
+    source: ModelSource | None = None  # where it was loaded from (the repository API reloads from there)
 
     @property
     def version(self) -> str:
@@ -131,7 +132,7 @@ def load_model(src: ModelSource, settings: Settings, executor: Executor) -> Serv
                              max_batch_size=settings.max_batch_size, max_latency_ms=settings.max_latency_ms,
                              max_queue=math.ceil(settings.max_queue / settings.workers))  # the bound is service-wide
     return ServedModel(name, bundle, pre, backend, batcher, path, list(bundle.manifest["class_names"]), settings.threads,
-                       label=src.version or "")
+                       label=src.version or "", source=src)
 
 
 def _check_gates(bundle: Bundle, name: str, precision: str, allow: bool) -> None:
@@ -146,15 +147,17 @@ def _check_gates(bundle: Bundle, name: str, precision: str, allow: bool) -> None
     logger.warning("%s; served anyway because IMGSERVE_ALLOW_UNCHECKED=1", msg)
 
 
-def load_models(settings: Settings, executor: Executor) -> dict[str, ServedModel]:
-    """Every configured model, hash-checked, loaded and warmed up; the first one is the default."""
-    models: dict[str, ServedModel] = {}
+def load_models(settings: Settings, executor: Executor) -> list[ServedModel]:
+    """Every configured model, hash-checked, loaded and warmed up, in the configured order (the
+    first one's name is the default); one name may have several versions (NAME@VERSION=DIR)."""
+    models: dict[tuple[str, str], ServedModel] = {}
     for src in settings.models:
         m = load_ready_model(src, settings, executor)
-        if m.name in models:
-            raise BundleError(f"two models are named {m.name!r}; name one with NAME=DIR in IMGSERVE_MODELS")
-        models[m.name] = m
-    return models
+        if (m.name, m.version) in models:
+            raise BundleError(f"two models are named {m.name!r} with version {m.version!r}; name one with NAME=DIR "
+                              f"or give each version its label with NAME@VERSION=DIR in IMGSERVE_MODELS")
+        models[m.name, m.version] = m
+    return list(models.values())
 
 
 def load_ready_model(src: ModelSource, settings: Settings, executor: Executor) -> ServedModel:

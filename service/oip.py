@@ -90,7 +90,7 @@ async def model_metadata(request: Request) -> Response:
 
 def metadata(m: ServedModel) -> dict[str, Any]:
     c = len(m.class_names)
-    return {"name": m.name, "versions": [m.version], "platform": _PLATFORMS.get(m.backend.name, m.backend.name),
+    return {"name": m.name, "versions": _versions(m), "platform": _PLATFORMS.get(m.backend.name, m.backend.name),
             "inputs": [{"name": _input_name(m), "datatype": "UINT8", "shape": [-1, *m.preprocessor.shape]}],
             "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, c]} for n in OUTPUTS]
             + ([{"name": HEATMAP, "datatype": "FP32", "shape": [-1, *m.preprocessor.shape[:2]]}]
@@ -108,10 +108,15 @@ def config(m: ServedModel) -> dict[str, Any]:
     platform, name = backend.get(m.backend.name, (m.backend.name, m.backend.name))
     c = len(m.class_names)
     return {"name": m.name, "platform": platform, "backend": name, "max_batch_size": m.batcher.max_batch_size,
-            "version_policy": {"specific": {"versions": [m.version]}},
+            "version_policy": {"specific": {"versions": _versions(m)}},
             "input": [{"name": _input_name(m), "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC",
                        "dims": list(m.preprocessor.shape)}],
             "output": [{"name": n, "data_type": "TYPE_FP32", "dims": [c]} for n in OUTPUTS]}
+
+
+def _versions(m: ServedModel) -> list[str]:
+    """Every served version of ``m``'s name (Triton's metadata lists them all)."""
+    return list(current_service().versions.by_name.get(m.name, {m.version: m}))
 
 
 def _input_name(m: ServedModel) -> str:
@@ -133,9 +138,10 @@ async def answer_infer(scope: dict, body: bytes | None, name: str, version: str 
             raise Refused(f"request body is over the limit of {scope[TOO_LARGE_KEY]} bytes "
                           "(IMGSERVE_MAX_BODY_BYTES)", 413, "body_too_large")
         req = await _parse(svc, _resolve(svc, name, version), body, header(scope, _HEADER_LENGTH_KEY))
-        # Resolved again after the parse's await: no await between this and admission, so a version
-        # switch never lands between the two and this request runs wholly on one version.
-        model = _resolve(svc, name, version)
+        # The version is chosen after the parse's await: no await between this and admission, so a
+        # version switch never lands between the two and this request runs wholly on one version.
+        choice = svc.versions.choose(name, version)
+        model = choice.live
         tensor, n = _one_input(model, req, svc.settings.max_images)
         outputs = _requested(model, req)
         explainer = model.explainer if any(o.name == HEATMAP for o in outputs) else None
@@ -147,12 +153,14 @@ async def answer_infer(scope: dict, body: bytes | None, name: str, version: str 
                 logits = await model.batcher.infer(pixels)  # (N, num_classes) float32
             else:
                 logits, _, heat = await explainer.maps(pixels, [None] * len(pixels))
+        if explainer is None:
+            svc.shadows.start(model, choice.shadow, pixels, logits)  # in the background; never awaited here
         head = {"model_name": model.name, "model_version": model.version}
         if req.id is not None:
             head["id"] = req.id
         out, headers = encode_response(head, [_heatmap(o, heat) if o.name == HEATMAP else _output(model, o, logits)
                                               for o in outputs])
-        return Response(out, headers=headers)
+        return Response(out, headers={**headers, "X-Model-Version": model.version})
 
     return await answer(run, "POST /v2/models/{name}/infer")
 
@@ -262,14 +270,8 @@ def _heatmap(o: RequestedOutput, heat: np.ndarray) -> OutputTensor:
 
 # -- plumbing ------------------------------------------------------------------------------------
 def _resolve(svc: Any, name: str, version: str | None = None) -> ServedModel:
-    """The model (and version, when the path names one) of the request; 404 otherwise."""
-    if name not in svc.models:
-        raise Refused(f"unknown model {name!r}; served models: {', '.join(svc.models) or 'none'}", 404, "unknown_model")
-    m = svc.models[name]
-    if version is not None and version != m.version:
-        raise Refused(f"model {name!r} version {version!r} is not served; served version: {m.version!r}", 404,
-                      "unknown_version")
-    return m
+    """The version the path names, else the name's default version; 404 listing what is served otherwise."""
+    return svc.versions.get(name, version)
 
 
 async def _about_model(request: Request, describe: Callable[[ServedModel], dict[str, Any]]) -> Response:

@@ -1,8 +1,12 @@
 """Triton's model repository extension: index, load (or reload: a new version) and unload models.
 
     POST /v2/repository/index                       {"ready": true}?
-    POST /v2/repository/models/NAME/load            {"parameters": {"bundle": DIR} | {"store": TAG}}?
-    POST /v2/repository/models/NAME/unload
+    POST /v2/repository/models/NAME/load            {"parameters": {"bundle": DIR} | {"store": TAG}, "version": V?}?
+    POST /v2/repository/models/NAME/unload          {"parameters": {"version": V}}?
+
+A load without ``version`` replaces every version of the name; with it, that version is added
+beside the others (or replaced). An unload without ``version`` removes every version of the name.
+A version the traffic policy in force still sends traffic to is not removed (409, docs/rollouts.md).
 
 Off unless IMGSERVE_MODEL_CONTROL=explicit (Triton's name for the same switch), and behind the API
 key when one is set (the guard middleware). A load runs every check of start-up (manifest, sha256,
@@ -14,6 +18,7 @@ later ones use the new one. The old model is dropped once its last admitted requ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import re
@@ -44,26 +49,30 @@ class ModelRepository:
 
     def __init__(self, svc: Any) -> None:
         self.svc = svc
-        self.models: dict[str, ServedModel] = svc.models  # the dict /classify and /v2 read
-        self.sources: dict[str, ModelSource] = dict(zip(svc.models, svc.settings.models))
+        self.versions = svc.versions  # every (name, version) served (service.versions)
+        self.sources: dict[str, ModelSource] = {n: m.source for n, m in svc.models.items() if m.source is not None}
         self.unavailable: dict[str, str] = {}  # name -> why it is not loaded
         self._lock = asyncio.Lock()  # one load or unload at a time
 
     def index(self, ready_only: bool) -> list[dict[str, str]]:
-        rows = [{"name": n, "version": m.version, "state": "READY", "reason": ""} for n, m in self.models.items()]
+        rows = [{"name": n, "version": v, "state": "READY", "reason": ""}
+                for n, versions in self.versions.by_name.items() for v in versions]
         if not ready_only:
             rows += [{"name": n, "state": "UNAVAILABLE", "reason": r} for n, r in self.unavailable.items()
-                     if n not in self.models]
+                     if n not in self.versions.by_name]
         return rows
 
     async def load(self, name: str, params: dict) -> ServedModel:
         if not NAME_RE.match(name):
             raise Refused(f"model name {name!r} must match {NAME_RE.pattern}", 400, "bad_model_name")
+        label = _label(params)
         src = _under_root(name, _source(name, params), self.svc.settings.model_root) or self.sources.get(name)
         if src is None:
             raise Refused(f"model {name!r} is not known here: give its bundle, "
                           '{"parameters": {"bundle": "DIR under the model root"}} or {"parameters": {"store": "TAG"}}',
                           400, "bad_load")
+        if label is not None:
+            src = dataclasses.replace(src, version=label)
         async with self._lock:
             t0 = time.perf_counter()
             try:
@@ -72,51 +81,78 @@ class ModelRepository:
                 logger.warning("load of model %s from %s refused: %s", name, src.location, e)
                 raise Refused(f"model {name!r} not loaded: {_without_paths(str(e), src, self.svc.settings)}", 400,
                               "bad_bundle") from None
-            before = self.models[name].version if name in self.models else None
+            before = [v for v in self.versions.by_name.get(name, ()) if v != new.version]
+            if label is None:  # it replaces every version of the name: none may still get traffic
+                try:
+                    self.versions.pinned(name, before)
+                except Refused:
+                    await self._retire_all([new])
+                    raise
             self.sources[name] = src
             self.unavailable.pop(name, None)
             logger.info("model %s v%s loaded in %.2f s%s", name, new.version, time.perf_counter() - t0,
-                        f" (replaces v{before})" if before is not None else "")
-            # No local name keeps the old model: _retire holds the last reference and frees it.
-            await self._retire(self._switch(name, new))
+                        f" (replaces v{', v'.join(before)})" if before and label is None else "")
+            del before
+            # No local name keeps an old model: _retire_all holds the last references and frees them.
+            await self._retire_all(self._switch(name, new, keep_others=label is not None))
         return new
 
-    def _switch(self, name: str, new: ServedModel) -> ServedModel | None:
-        """Serve ``new`` under ``name`` from now on (one dict assignment); returns the model it replaces."""
-        old = self.models.get(name)
-        self.models[name] = new
-        if self.svc.default not in self.models:
+    def _switch(self, name: str, new: ServedModel, keep_others: bool) -> list[ServedModel]:
+        """Serve ``new`` under ``name`` from now on (no await: the next request sees it); returns the
+        models it replaces (the same version, or every other version unless ``keep_others``)."""
+        olds = [self.versions.add(new)]
+        if not keep_others:
+            olds += [self.versions.remove(name, v) for v in list(self.versions.by_name[name]) if v != new.version]
+        if self.svc.default not in self.svc.models:
             self.svc.default = name
-        return old
+        return [m for m in olds if m is not None]
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, params: dict) -> None:
+        label = _label(params)
         async with self._lock:
-            if name not in self.models:
-                raise Refused(f"model {name!r} is not loaded; loaded: {', '.join(self.models) or 'none'}", 404,
-                              "unknown_model")
-            self.unavailable[name] = "unloaded"
-            logger.info("model %s v%s unloaded", name, self.models[name].version)
-            await self._retire(self._remove(name))
+            if name not in self.versions.by_name:
+                raise Refused(f"model {name!r} is not loaded; loaded: {', '.join(self.versions.by_name) or 'none'}",
+                              404, "unknown_model")
+            leaving = [self.versions.get(name, label).version] if label is not None else list(self.versions.by_name[name])
+            self.versions.pinned(name, leaving)
+            if len(leaving) == len(self.versions.by_name[name]):
+                self.unavailable[name] = "unloaded"
+            logger.info("model %s v%s unloaded", name, ", v".join(leaving))
+            await self._retire_all(self._remove(name, leaving))
 
-    def _remove(self, name: str) -> ServedModel:
-        old = self.models.pop(name)
-        if self.svc.default == name and self.models:
-            self.svc.default = next(iter(self.models))
-        return old
+    def _remove(self, name: str, versions: list[str]) -> list[ServedModel]:
+        olds = [self.versions.remove(name, v) for v in versions]
+        if self.svc.default not in self.svc.models and self.svc.models:
+            self.svc.default = next(iter(self.svc.models))
+        return olds
 
-    async def _retire(self, old: ServedModel | None) -> None:
-        """Wait for the requests admitted on ``old`` (bounded by the request timeout), then free it."""
-        if old is None:
-            return
+    async def _retire_all(self, olds: list[ServedModel]) -> None:
+        """Drain every model in ``olds`` (together), then free them."""
+        await asyncio.gather(*(self._retire(m) for m in olds))
+        olds.clear()  # the last references
+        gc.collect()  # the frozen-threshold gc (service.tune_gc) would keep cycles around for long
+        malloc_trim()
+
+    async def _retire(self, old: ServedModel) -> None:
+        """Wait for the requests admitted on ``old`` (live and shadow runs; bounded by the request
+        timeout), then stop its batchers."""
         deadline = time.monotonic() + self.svc.settings.timeout_s
         batchers = [old.batcher] + ([old.explainer.batcher] if old.explainer is not None else [])
         while any(b.in_flight for b in batchers) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         for b in batchers:
             b.close()
-        del old
-        gc.collect()  # the frozen-threshold gc (service.tune_gc) would keep cycles around for long
-        malloc_trim()
+
+
+def _label(params: dict) -> str | None:
+    """parameters.version: the version label a load serves under, or the one an unload removes."""
+    v = params.get("version")
+    if v is None:
+        return None
+    if not isinstance(v, str) or not NAME_RE.match(v):
+        raise Refused(f"parameters.version must be a version label matching {NAME_RE.pattern}, got {v!r}", 400,
+                      "bad_load")
+    return v
 
 
 def _source(name: str, params: dict) -> ModelSource | None:
@@ -173,14 +209,18 @@ def _without_paths(message: str, src: ModelSource, settings: Any) -> str:
 
 
 # -- routes --------------------------------------------------------------------------------------
-async def _json(request: Request) -> dict:
+async def body_of(request: Request) -> bytes:
     try:
-        body = await request.body()
+        return await request.body()
     except ClientDisconnect:
         if TOO_LARGE_KEY not in request.scope:
             raise  # the client went away
         raise Refused(f"request body is over the limit of {request.scope[TOO_LARGE_KEY]} bytes "
                       "(IMGSERVE_MAX_BODY_BYTES)", 413, "body_too_large") from None
+
+
+async def _json(request: Request) -> dict:
+    body = await body_of(request)
     if not body.strip():
         return {}
     doc = jsonbounds.loads(body, "the request body", MAX_VALUES)
@@ -192,10 +232,17 @@ async def _json(request: Request) -> dict:
     return doc
 
 
-def _repository(svc: Any, change: bool) -> ModelRepository:
-    if change and svc.settings.model_control != "explicit":
+def changes_allowed(svc: Any) -> None:
+    """Repository and traffic changes through the API need IMGSERVE_MODEL_CONTROL=explicit (which
+    needs an API key and one worker: a change reaches the one process that takes it)."""
+    if svc.settings.model_control != "explicit":
         raise Refused("model repository changes are off: start the service with IMGSERVE_MODEL_CONTROL=explicit "
-                      "to load and unload models through the API", 403, "repository_off")
+                      "to load and unload models or change the traffic policy through the API", 403, "repository_off")
+
+
+def _repository(svc: Any, change: bool) -> ModelRepository:
+    if change:
+        changes_allowed(svc)
     return svc.repository
 
 
@@ -226,7 +273,7 @@ async def load(request: Request) -> Response:
 
 async def unload(request: Request) -> Response:
     async def work(svc: Any, doc: dict) -> Response:
-        await _repository(svc, change=True).unload(request.path_params["name"])
+        await _repository(svc, change=True).unload(request.path_params["name"], doc.get("parameters", {}))
         return json_response({})
 
     return await _answer(request, work)

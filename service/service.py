@@ -24,7 +24,7 @@ from starlette.routing import Route
 import bentoml
 from imgformat.bundle import BundleError
 from imgformat.preprocess import ImageError, stack
-from service import explain, metrics, metrics_labels, oip, onewrite, repository, timeouts
+from service import explain, metrics, metrics_labels, oip, onewrite, repository, rollout, timeouts
 from service.answer import answer, current_service
 from service.config import Settings, load_settings
 from service.errors import Refused as _Refused
@@ -59,7 +59,8 @@ async def _models_view(request: Request) -> Response:
 
 # GET routes and the Open Inference Protocol (BentoML APIs are POST-only multipart/JSON with
 # BentoML's own error codes). Mounted passively after BentoML's own routes.
-extra_routes = Starlette(routes=[Route("/models", _models_view, methods=["GET"]), *oip.routes, *repository.routes])
+extra_routes = Starlette(routes=[Route("/models", _models_view, methods=["GET"]), *oip.routes, *repository.routes,
+                                 *rollout.routes])
 
 
 # OpenTelemetry's ASGI middleware matches these regexes anywhere in the full URL ("/" would match
@@ -94,8 +95,11 @@ class ImgServe:
         # Decoders: PIL releases the GIL, but more decoders than cores only thrash.
         self.decode_limiter = anyio.CapacityLimiter(max(1, self.settings.threads))
         self._ready = False
+        self.models: dict[str, ServedModel] = {}  # name -> the version it answers by default
         try:
-            self.models: dict[str, ServedModel] = load_models(self.settings, self.infer_executor)
+            # versions, shadows, the traffic policy file (docs/rollouts.md)
+            self.versions, self.shadows, self.policy_file = rollout.setup(self, load_models(self.settings,
+                                                                                         self.infer_executor))
         except (BundleError, ValueError) as e:
             _stop_supervisor(str(e))
             raise
@@ -113,6 +117,11 @@ class ImgServe:
 
             self._grpc = await grpc_oip.start(self, self.settings.grpc_host, self.settings.grpc_port)
 
+    @bentoml.on_startup
+    async def watch_traffic(self) -> None:
+        """Re-read IMGSERVE_TRAFFIC when it changes, on this worker's event loop."""
+        self._traffic_watch = rollout.watch(self.policy_file)
+
     @bentoml.on_shutdown
     async def stop_grpc(self) -> None:
         if getattr(self, "_grpc", None) is not None:
@@ -124,15 +133,14 @@ class ImgServe:
     # -- helpers ---------------------------------------------------------------------------------
     def describe_models(self) -> dict[str, Any]:
         return {"default": self.default, "api_key_required": self.settings.api_key is not None,
-                "models": [m.describe(self.settings.precision) for m in self.models.values()]}
+                "models": [{**m.describe(self.settings.precision), "default_version": self.models[m.name] is m}
+                           for m in self.versions.every().values()],
+                **rollout.describe(self)}
 
-    def _model(self, name: Optional[str]) -> ServedModel:
-        if name is None or name == "":
-            name = self.default  # gone when the repository API unloaded every model: 404 below
-        if not isinstance(name, str) or name not in self.models:
-            raise _Refused(f"unknown model {name!r}; served models: {', '.join(self.models)}", 404, "unknown_model",
-                           {"models": list(self.models)})
-        return self.models[name]
+    def _choose(self, name: Optional[str], version: Optional[str]) -> rollout.Choice:
+        """The request's version (and shadow): chosen once, right before its admission."""
+        # The default name is gone when the repository API unloaded every model: 404 then.
+        return self.versions.choose(name or self.default, version or None)
 
     @staticmethod
     def _top_k(value: Any, model: ServedModel) -> int:
@@ -182,45 +190,51 @@ class ImgServe:
                 raise _Refused(f"{e}{where}", e.status, e.kind) from None
         return stack(arrays)
 
-    async def _classify(self, uploads_value: Any, field: str, limit: int, model_name: Any, k: Any) -> tuple[ServedModel, list]:
-        model = self._model(model_name)
+    async def _classify(self, uploads_value: Any, field: str, limit: int, model_name: Any, version: Any,
+                        k: Any) -> tuple[ServedModel, list]:
+        choice = self._choose(model_name, version)
+        model = choice.live
         kk = self._top_k(k, model)
         uploads = self._files(uploads_value, field, limit)
         with model.batcher.admitted(len(uploads)):  # shed load before spending CPU on decoding
             pixels = await self._prepare(model, uploads)  # (n, H, W, C) uint8
             logits = await model.batcher.infer(pixels)  # (n, num_classes)
+        self.shadows.start(model, choice.shadow, pixels, logits)  # in the background; never awaited here
         return model, [top_k(row, kk, model.class_names) for row in logits]
 
     # -- API -------------------------------------------------------------------------------------
     @bentoml.api(route="/classify", input_spec=ClassifyInput, output_spec=ClassifyOutput)
-    async def classify(self, image: Any = None, model: Optional[str] = None, top_k: Optional[int] = None) -> Response:
-        """Classify one image. Multipart: `image` (file), optional `model` and `top_k`.
+    async def classify(self, image: Any = None, model: Optional[str] = None, top_k: Optional[int] = None,
+                       version: Optional[str] = None) -> Response:
+        """Classify one image. Multipart: `image` (file), optional `model`, `version` and `top_k`.
 
         `curl -F image=@photo.jpg -F top_k=3 http://127.0.0.1:3000/classify`
         """
         async def run() -> Response:
-            m, preds = await self._classify(image, "image", 1, model, top_k)
-            return json_response({"model": m.name, "version": m.version, "predictions": preds[0]})
+            m, preds = await self._classify(image, "image", 1, model, version, top_k)
+            return json_response({"model": m.name, "version": m.version, "predictions": preds[0]},
+                                 headers=rollout.version_header(m))
 
         return await answer(run, "POST /classify")
 
     @bentoml.api(route="/classify_batch", input_spec=ClassifyBatchInput, output_spec=ClassifyBatchOutput)
-    async def classify_batch(self, images: Any = None, model: Optional[str] = None, top_k: Optional[int] = None) -> Response:
+    async def classify_batch(self, images: Any = None, model: Optional[str] = None, top_k: Optional[int] = None,
+                             version: Optional[str] = None) -> Response:
         """Classify several images (`images` repeated); results in the same order.
 
         `curl -F images=@a.png -F images=@b.jpg http://127.0.0.1:3000/classify_batch`
         """
         async def run() -> Response:
-            m, preds = await self._classify(images, "images", self.settings.max_images, model, top_k)
+            m, preds = await self._classify(images, "images", self.settings.max_images, model, version, top_k)
             return json_response({"model": m.name, "version": m.version,
-                                  "results": [{"predictions": p} for p in preds]})
+                                  "results": [{"predictions": p} for p in preds]}, headers=rollout.version_header(m))
 
         return await answer(run, "POST /classify_batch")
 
     @bentoml.api(route="/explain", input_spec=explain.ExplainInput, output_spec=explain.ExplainOutput)
     async def explain(self, image: Any = None, model: Optional[str] = None, top_k: Optional[int] = None,
                       class_: Optional[str] = None, heatmap: Optional[str] = None,
-                      opacity: Optional[float] = None) -> Response:
+                      opacity: Optional[float] = None, version: Optional[str] = None) -> Response:
         """Classify one image and show where the evidence for a class is (a class-activation map).
 
         Multipart: /classify's fields, plus `class` (index or label; default the top-1 class),
@@ -228,7 +242,7 @@ class ImgServe:
         `curl -F image=@photo.jpg -F heatmap=png http://127.0.0.1:3000/explain`
         """
         async def run() -> Response:
-            m = self._model(model)
+            m = self._choose(model, version).live  # explanations run on the live version only
             explainer = explain.explainer_of(m)
             kk = self._top_k(top_k, m)
             wanted = explain.resolve_class(class_, m.class_names)
@@ -249,7 +263,7 @@ class ImgServe:
                                                 "method": "cam", "layer": explainer.layer},
                                   "heatmap": await anyio.to_thread.run_sync(
                                       explain.heatmap_body, heat[0], output, original, box, alpha,
-                                      limiter=self.decode_limiter)})
+                                      limiter=self.decode_limiter)}, headers=rollout.version_header(m))
 
         return await answer(run, "POST /explain")
 
@@ -264,7 +278,7 @@ OIP_ROUTES = {oip.INFER_PATH: oip.answer_infer}
 OIP_BUDGETS = {oip.INFER_PATH: oip.infer_values_budget}
 
 ImgServe.add_asgi_middleware(GuardMiddleware, max_body_bytes=SETTINGS.max_body_bytes, api_key=SETTINGS.api_key,
-                             models=lambda: current_service().models)
+                             models=lambda: current_service().versions.every())
 ImgServe.add_asgi_middleware(LeanRoute, routes=FORM_ROUTES, patterns=OIP_ROUTES, budgets=OIP_BUDGETS,
                              server_header="BentoML Service/imgserve")
 ImgServe.add_asgi_middleware(PagesMiddleware)  # / and /demo (BentoML's / loads a tracker from the internet)

@@ -18,6 +18,7 @@ buckets between the old and the new boundary; every other user keeps the version
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import os
 import random
@@ -28,6 +29,8 @@ import yaml
 
 BUCKETS = 100
 _KEYS = {"weights", "shadow", "sticky"}
+# The current request's raw ASGI headers, set by the guard: a sticky header is read from them.
+HEADERS: contextvars.ContextVar[tuple] = contextvars.ContextVar("imgserve_headers", default=())
 
 
 class PolicyError(ValueError):
@@ -45,6 +48,12 @@ class Policy:
     weights: tuple[tuple[str, int], ...]  # sorted by version label: the buckets' fixed layout
     shadow: Shadow | None = None
     sticky: str | None = None  # lower-case header name
+
+    def doc(self) -> dict[str, Any]:
+        """The policy as a document of the schema (GET /v2/repository/traffic, GET /models)."""
+        return {"weights": dict(self.weights),
+                "shadow": {"version": self.shadow.version, "fraction": self.shadow.fraction} if self.shadow else None,
+                "sticky": self.sticky}
 
     def version_for_bucket(self, b: int) -> str:
         """The version whose share of the cumulative weights holds bucket ``b`` (0..99)."""
@@ -149,8 +158,9 @@ class PolicyFile:
 
     POLL_S = 0.5  # well inside the 2 s a change must take effect in
 
-    def __init__(self, path: str, served: Callable[[], Mapping[str, set[str]]]) -> None:
-        self.path, self.served = path, served
+    def __init__(self, path: str, served: Callable[[], Mapping[str, set[str]]],
+                 on_change: Callable[[dict[str, Policy]], None] | None = None) -> None:
+        self.path, self.served, self.on_change = path, served, on_change
         self.policies: dict[str, Policy] = {}
         self.error = ""
         self._seen: tuple[int, int, int] | None = None
@@ -174,5 +184,6 @@ class PolicyFile:
     async def watch(self) -> None:
         """Poll forever (a background task of the service)."""
         while True:
-            self.check()
+            if self.check() and self.on_change is not None:
+                self.on_change(self.policies)
             await asyncio.sleep(self.POLL_S)

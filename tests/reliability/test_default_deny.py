@@ -65,7 +65,8 @@ def test_every_route_not_public_needs_the_key(wide_server, routes) -> None:
     assert not wrong, "\n".join(wrong)
     print(f"{len(closed)} method x path need the key, {len(open_)} are public")
     assert {"/livez", "/readyz", "/v2/health/ready", "/metrics", "/docs.json", "/models", "/demo"} <= set(open_)
-    assert {"/classify", "/v2", "/v2/models/nosuch", "/v2/repository/index", "/schema.json"} <= set(closed)
+    assert {"/classify", "/v2", "/v2/models/nosuch", "/v2/repository/index", "/v2/repository/traffic",
+            "/schema.json"} <= set(closed)
 
 
 def test_the_key_opens_every_route(wide_server, routes) -> None:

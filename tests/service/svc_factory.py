@@ -24,3 +24,31 @@ def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def logits_variant(bundle, out, op: str, value, version: str):
+    """A copy of ``bundle`` whose logits go through one more ONNX node ``op`` (Mul, Add) with the
+    constant ``value``, its hashes rewritten and its manifest version set: another version of the
+    same model with an exact, known difference."""
+    import hashlib
+    import json
+    import shutil
+
+    import onnx
+    from onnx import helper
+
+    shutil.copytree(bundle, out)
+    model = onnx.load(out / "model.onnx")
+    g = model.graph
+    old = g.output[0].name
+    for node in g.node:  # rename the producer's output; the new node produces the graph output
+        node.output[:] = [f"{old}_before" if o == old else o for o in node.output]
+    g.initializer.append(onnx.numpy_helper.from_array(np.asarray(value, np.float32), "variant_value"))
+    g.node.append(helper.make_node(op, [f"{old}_before", "variant_value"], [old]))
+    onnx.save(model, out / "model.onnx")
+    m = json.loads((out / "manifest.json").read_text())
+    data = (out / "model.onnx").read_bytes()
+    m["files"]["model.onnx"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    m["version"] = version
+    (out / "manifest.json").write_text(json.dumps(m, indent=2))
+    return out

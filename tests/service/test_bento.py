@@ -69,7 +69,7 @@ def test_serving_from_the_model_store(bundle: Path, tmp_path: Path) -> None:
             "from concurrent.futures import ThreadPoolExecutor\n"
             "from service.config import load_settings\nfrom service.models import load_models\n"
             "ms = load_models(load_settings(), ThreadPoolExecutor(1))\n"
-            "print(sorted(ms), [m.file.name for m in ms.values()])\n")
+            "print(sorted(m.name for m in ms), [m.file.name for m in ms])\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "['digits', 'named'] ['model.onnx', 'model.onnx']" in out.stdout, out.stdout

@@ -145,7 +145,7 @@ def test_small_models_run_on_the_event_loop_with_one_thread(bundle: Path, env: d
     settings = load_settings({"IMGSERVE_MODELS": str(bundle), **env})
     threads = threads or settings.threads
     with ThreadPoolExecutor(1) as pool:
-        (m,) = models.load_models(settings, pool).values()
+        (m,) = models.load_models(settings, pool)
     assert m.batcher.inline is inline
     if m.backend.device != "cpu" and "IMGSERVE_THREADS" not in env:
         threads = settings.threads  # on a GPU the CPU intra-op threads are not retuned (models._tune_small_model)

@@ -7,7 +7,6 @@ it reports.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import threading
@@ -22,7 +21,7 @@ import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
 from service.launcher import rss_mib, start_service
-from svc_factory import digit_uploads, png_bytes
+from svc_factory import digit_uploads, logits_variant, png_bytes
 from tritonclient._plugin import InferenceServerClientPlugin
 
 KEY = "repo-s3cret"  # model control through the API needs an API key (the service refuses to start without)
@@ -42,31 +41,9 @@ def _triton(url: str) -> th.InferenceServerClient:
     return c
 
 
-def _rehash(bundle: Path, fname: str, **manifest_changes) -> None:
-    m = json.loads((bundle / "manifest.json").read_text())
-    data = (bundle / fname).read_bytes()
-    m["files"][fname].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
-    m.update(manifest_changes)
-    (bundle / "manifest.json").write_text(json.dumps(m, indent=2))
-
-
 @pytest.fixture(scope="module")
 def bundle_v2(bundle, tmp_path_factory) -> Path:
-    import onnx
-    from onnx import helper
-
-    out = tmp_path_factory.mktemp("v2") / "digits"
-    shutil.copytree(bundle, out)
-    model = onnx.load(out / "model.onnx")
-    g = model.graph
-    old = g.output[0].name
-    for node in g.node:  # rename the producer's output; a Mul node produces the graph output
-        node.output[:] = [f"{old}_v1" if o == old else o for o in node.output]
-    g.initializer.append(onnx.numpy_helper.from_array(np.array(2.0, np.float32), "two"))
-    g.node.append(helper.make_node("Mul", [f"{old}_v1", "two"], [old]))
-    onnx.save(model, out / "model.onnx")
-    _rehash(out, "model.onnx", version="2")
-    return out
+    return logits_variant(bundle, tmp_path_factory.mktemp("v2") / "digits", "Mul", 2.0, "2")
 
 
 @pytest.fixture(scope="module")
