@@ -3,7 +3,8 @@
 The live answer never waits for the shadow: ``start`` schedules the shadow run as a task after the
 live logits exist, and the task compares the two top-1 answers into the metrics. Shadow work is the
 first thing shed: it is skipped (and counted) whenever live requests wait for the inference thread,
-the shadow's batcher already holds a batch of shadow work, or its admission control would refuse.
+another shadow run is still under way, or the shadow's admission control would refuse. So a live
+request waits for at most one shadow run of one request's images.
 Its answer goes nowhere but the metrics.
 """
 from __future__ import annotations
@@ -59,14 +60,14 @@ class Shadows:
 
     is_served: object  # ServedModel -> bool: the shadow version is still loaded when its turn comes
     stats: dict[tuple[str, str, str], Stats] = field(default_factory=dict)
-    tasks: set = field(default_factory=set)
+    tasks: set = field(default_factory=set)  # the shadow runs under way (at most one)
 
     def start(self, live: ServedModel, shadow: ServedModel | None, pixels: np.ndarray, logits: np.ndarray) -> None:
         """Run ``shadow`` on ``pixels`` in the background, or count it shed; never raises."""
         if shadow is None:
             return
         key = (live.name, live.version, shadow.version)
-        if _busy(live, shadow, len(pixels)):
+        if self.tasks or _busy(live, shadow, len(pixels)):
             self._shed(key)
             return
         # A fresh context: the shadow's latency budget starts now, not when the live request arrived.
@@ -118,9 +119,9 @@ class Shadows:
 
 
 def _busy(live: ServedModel, shadow: ServedModel, n: int) -> bool:
-    """Shed the shadow run: live work waits for the inference thread, the shadow already has a
-    batch of shadow work in flight, or its admission would refuse ``n`` more images."""
-    if live.batcher.queued_images > 0 or shadow.batcher.in_flight + n > shadow.batcher.max_batch_size:
+    """Shed the shadow run: live work waits for the inference thread, or the shadow's admission
+    would refuse ``n`` more images."""
+    if live.batcher.queued_images > 0:
         return True
     try:
         shadow.batcher.check(n)
