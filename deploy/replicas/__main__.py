@@ -3,6 +3,8 @@
     python -m deploy.replicas up -n 2                      # make replicas N=2
     python -m deploy.replicas up -n 2 --bundle bundles/default
     python -m deploy.replicas status
+    python -m deploy.replicas up -n 2 --share /srv/bundles --share /srv/policy \
+        -e IMGSERVE_MODELS=digits@v1=/srv/bundles/a,digits@v2=/srv/bundles/b -e IMGSERVE_TRAFFIC=/srv/policy/traffic.yaml
     python -m deploy.replicas roll --bundle bundles/digits-v2   # one replica at a time
     python -m deploy.replicas down                         # make replicas-down
 
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--bundle", type=Path, help="serve this bundle directory, mounted read-only (default: the image's model)")
     up.add_argument("--port", type=int, default=8080, help="HAProxy's port on 127.0.0.1 (default 8080; 0: any free port)")
     up.add_argument("-e", dest="env", action="append", default=[], help="IMGSERVE_NAME=VALUE for every replica")
+    up.add_argument("--share", action="append", default=[], type=Path,
+                    help="a host folder every replica reads at the same path, read-only (bundles, the traffic policy's folder)")
     roll = sub.add_parser("roll", help="replace every replica, one at a time, with one serving --bundle")
     roll.add_argument("--bundle", type=Path, help="bundle directory of the new model version")
     roll.add_argument("-e", dest="env", action="append", default=[], help="IMGSERVE_NAME=VALUE for the new replicas")
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"replicas already run from {args.workdir}: `make replicas-down` first")
         if args.bundle is not None and not (args.bundle / "manifest.json").is_file():
             raise SystemExit(f"{args.bundle} is not a bundle (no manifest.json); make one with: python -m export CHECKPOINT --out DIR")
-        c = Cluster(args.workdir, runner=args.runner, image=args.image)
+        c = Cluster(args.workdir, runner=args.runner, image=args.image, shared=[str(d.resolve()) for d in args.share])
         try:
             c.up(args.n, _threads(args.n, _env(args.env)), args.bundle, args.port)
         except BaseException:

@@ -43,6 +43,7 @@ class Cluster:
     image: str = ""
     port: int = 0
     haproxy_pid: int | None = None
+    shared: list[str] = field(default_factory=list)  # host folders mounted read-only, same path, in every replica
     slots: list[dict | None] = field(default_factory=list)  # Replica.to_json() or None
 
     # -- state -----------------------------------------------------------------------------------
@@ -52,7 +53,7 @@ class Cluster:
 
     def save(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        state = {k: getattr(self, k) for k in ("runner", "image", "port", "haproxy_pid", "slots")}
+        state = {k: getattr(self, k) for k in ("runner", "image", "port", "haproxy_pid", "shared", "slots")}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, self.state_file)
@@ -89,7 +90,8 @@ class Cluster:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            self.slots[i] = runner.start(self.image, free_port(self._ports()), env, bundle, logs).to_json()
+            self.slots[i] = runner.start(self.image, free_port(self._ports()), env, bundle, logs,
+                                         tuple(self.shared)).to_json()
             self.save()  # saved at once: `down` cleans up even if start-up fails half way
         for r in self.replicas().values():
             log.info("replica %s on port %d ready after %.1f s", r.ref[:12], r.port, wait_ready(r))
@@ -103,7 +105,7 @@ class Cluster:
         runner = get_runner(self.runner)
         hap = self.haproxy
         new = self.slots.index(None)
-        r = runner.start(self.image, free_port(self._ports()), env, bundle, self.workdir / "logs")
+        r = runner.start(self.image, free_port(self._ports()), env, bundle, self.workdir / "logs", tuple(self.shared))
         self.slots[new] = r.to_json()
         self.save()
         took = wait_ready(r)

@@ -58,9 +58,12 @@ def _run(*args: str, timeout: float = 120) -> str:
 
 
 # -- podman ------------------------------------------------------------------------------------
-def podman_start(image: str, port: int, env: dict[str, str], bundle: Path | None, log_dir: Path) -> Replica:
+def podman_start(image: str, port: int, env: dict[str, str], bundle: Path | None, log_dir: Path,
+                 shared: tuple[str, ...] = ()) -> Replica:
     env = dict(env)
-    mounts: list[str] = []
+    # Host directories every replica reads at the same path (several bundle versions, the traffic
+    # policy's folder): a folder, not a file, so a file replaced in it is seen, as a ConfigMap update is.
+    mounts: list[str] = [a for d in shared for a in ("-v", f"{d}:{d}:ro")]
     if bundle is not None:
         inside = f"{MODELS_DIR}/{bundle.name}"
         mounts += ["-v", f"{bundle.resolve()}:{inside}:ro"]
@@ -97,8 +100,10 @@ def podman_restarts(r: Replica) -> int:
 
 
 # -- plain process -----------------------------------------------------------------------------
-def process_start(image: str, port: int, env: dict[str, str], bundle: Path | None, log_dir: Path) -> Replica:
-    """`bentoml serve` from this checkout (``image`` unused): for hosts without a container engine."""
+def process_start(image: str, port: int, env: dict[str, str], bundle: Path | None, log_dir: Path,
+                  shared: tuple[str, ...] = ()) -> Replica:
+    """`bentoml serve` from this checkout (``image`` unused; ``shared`` folders are already where they are):
+    for hosts without a container engine."""
     env = dict(env)
     if bundle is not None:
         env["IMGSERVE_MODELS"] = str(bundle.resolve())
@@ -149,7 +154,7 @@ def _alive(pid: int) -> bool:
 
 @dataclass(frozen=True)
 class Runner:
-    start: Callable[[str, int, dict[str, str], Path | None, Path], Replica]
+    start: Callable[..., Replica]  # (image, port, env, bundle, log_dir, shared=()) -> the started replica
     server_pid: Callable[[Replica], int]
     stop: Callable[[Replica, float], None]
     restarts: Callable[[Replica], int]
