@@ -112,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             load.append(os.getloadavg()[0])
     text = (f"{a.bundle.name}, {fname} ({len(image)} bytes), wrk {a.seconds} s per point, {a.rounds} interleaved "
             f"rounds; load average (1 min) {min(load):.1f}-{max(load):.1f}\n\n" + table(variants, concs))
-    print(text)
-    (out / "ab.txt").write_text(text + "\n")
-    print(f"\nresults: {out}")
+    bench.publish(text, out / "ab.txt")
     return 0
 
 

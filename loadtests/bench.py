@@ -170,6 +170,13 @@ class WrkResult:
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
 
 
+def publish(text: str, path: Path) -> None:
+    """Print a result table and keep it next to the run's other files."""
+    print(text)
+    path.write_text(text + "\n")
+    print(f"\nresults: {path.parent}")
+
+
 def _ms(text: str) -> float:
     m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
     if not m:

@@ -32,7 +32,8 @@ class Floor:
         tune_gc()
 
     @bentoml.api(route="/classify", input_spec=ClassifyInput, output_spec=ClassifyOutput)
-    async def classify(self, image: Any = None, model: Optional[str] = None, top_k: int = 5) -> Response:
+    async def classify(self, image: Any = None, model: Optional[str] = None, top_k: int = 5,
+                       version: Optional[str] = None) -> Response:
         return json_response(ANSWER)
 
 

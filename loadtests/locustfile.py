@@ -248,6 +248,14 @@ class ImgServeUser(FastHttpUser):
                        f"HTTP {resp.status_code}, body not JSON: {resp.content[:80]!r}")
             return None
 
+    def _ok_json(self, resp):
+        """The JSON body of a 200; anything else is failed (by its status) and gives None."""
+        data = self._json_or_fail(resp)
+        if data is not None and resp.status_code != 200:
+            self._fail(resp, f"http_{resp.status_code}", str(data)[:200])
+            return None
+        return data
+
     def _classify(self, payload: Payload, group: str) -> None:
         model = self._pick_model()
         answering = model or self.view.default
@@ -264,11 +272,9 @@ class ImgServeUser(FastHttpUser):
         """POST a form; a 200 whose body ``check`` refuses (BodyError) is a failure of that kind."""
         with self.client.post(path, data=body, headers={**AUTH, "Content-Type": ctype}, name=name,
                               catch_response=True) as resp:
-            data = self._json_or_fail(resp)
+            data = self._ok_json(resp)
             if data is None:
                 return
-            if resp.status_code != 200:
-                return self._fail(resp, f"http_{resp.status_code}", str(data)[:200])
             try:
                 check(data)
             except BodyError as e:
@@ -322,11 +328,9 @@ class ImgServeUser(FastHttpUser):
     @task(1)
     def list_models(self) -> None:
         with self.client.get("/models", name="/models", headers=AUTH, catch_response=True) as resp:
-            data = self._json_or_fail(resp)
+            data = self._ok_json(resp)
             if data is None:
                 return
-            if resp.status_code != 200:
-                return self._fail(resp, f"http_{resp.status_code}", str(data)[:200])
             try:
                 models, _ = parse_models(data)
             except BodyError as e:

@@ -148,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "top functions by own samples:"]
     lines += [f"  {n / max(total, 1):6.1%}  {fn[:110]}" for fn, n in leaves.most_common(15)]
     text = "\n".join(lines)
-    print(text)
-    (out / "profile.txt").write_text(text + "\n")
-    print(f"\nresults: {out}")
+    bench.publish(text, out / "profile.txt")
     return 0
 
 
