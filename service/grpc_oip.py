@@ -2,8 +2,9 @@
 
 Runs inside the BentoML worker's event loop (``grpc.aio``, started by ``ImgServe.start_grpc``), so
 requests reach the same models, batcher, admission control and decoders as REST; nothing is loaded
-twice. The message classes are the compiled Triton ``grpc_service.proto`` that the ``tritonclient``
-wheel ships (``tritonclient.grpc.service_pb2``): generated code stays out of this module.
+twice. The message classes are generated from Triton's ``grpc_service.proto`` by grpcio-tools into
+``service.oip_grpc_gen`` (scripts/oip_grpc_gen.py); Triton's config and repository extensions are in
+``service.grpc_repository``.
 The wire logic is ``service.oip``'s; only the message shapes differ. docs/protocol.md has the
 user's view.
 
@@ -19,12 +20,11 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
-
-from service import access, metrics, oip
+from service import access, grpc_metrics, grpc_repository, metrics, oip
 from service.batching import Overloaded
 from service.errors import Refused
+from service.oip_grpc_gen import grpc_service_pb2 as pb
+from service.oip_grpc_gen import grpc_service_pb2_grpc as pb_grpc
 from service.oip_tensors import (DEFAULT_MAX_VALUES, InferRequest, InputTensor, OutputTensor, RequestedOutput, _check_count,
                                  _from_binary, bad, join_bytes)
 
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 # HTTP status of a Refused -> gRPC status code (as Triton maps its errors).
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-          404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.FAILED_PRECONDITION,
+          403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.FAILED_PRECONDITION,
           413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 SERVICE_NAME = "inference.GRPCInferenceService"
 
@@ -51,10 +51,11 @@ def _refused(e: Refused) -> Abort:
 
 
 def _overloaded(e: Overloaded) -> Abort:
-    # gRPC has no Retry-After header: the hint travels as trailing metadata, as Triton's does not but
-    # clients can read it (docs/protocol.md).
+    # The retry hint as trailing metadata, twice: ``retry-after`` (seconds, REST's header) for clients
+    # that read it, and ``grpc-retry-pushback-ms``, which a gRPC channel with a retry policy obeys by
+    # itself (gRFC A6). Triton sends neither; a client that ignores both still gets RESOURCE_EXHAUSTED.
     return Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e} (retry after {e.retry_after} s)",
-                 (("retry-after", str(e.retry_after)),))
+                 (("retry-after", str(e.retry_after)), ("grpc-retry-pushback-ms", str(e.retry_after * 1000))))
 
 
 # -- request messages -> service.oip_tensors types ----------------------------------------------
@@ -115,7 +116,7 @@ def _response(model: Any, rid: str, outputs: list[OutputTensor]) -> Any:
 
 
 # -- the servicer --------------------------------------------------------------------------------
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer(grpc_repository.RepositoryMethods, pb_grpc.GRPCInferenceServiceServicer):
     """The KServe v2 / Triton gRPC methods on the running ``ImgServe`` instance ``svc``."""
 
     def __init__(self, svc: Any) -> None:
@@ -185,10 +186,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 # The methods served, each with its request message. They are registered with a bytes-in handler
 # (``_decoding``) instead of the generated registration: a message that does not decode answers
-# INVALID_ARGUMENT here, where grpc's own deserializer would answer UNKNOWN.
+# INVALID_ARGUMENT here, where grpc's own deserializer would answer UNKNOWN. Triton's other methods
+# (statistics, shared memory, trace, log settings, streaming) answer UNIMPLEMENTED.
 METHODS = {"ServerLive": pb.ServerLiveRequest, "ServerReady": pb.ServerReadyRequest,
            "ServerMetadata": pb.ServerMetadataRequest, "ModelReady": pb.ModelReadyRequest,
-           "ModelMetadata": pb.ModelMetadataRequest, "ModelInfer": pb.ModelInferRequest}
+           "ModelMetadata": pb.ModelMetadataRequest, "ModelInfer": pb.ModelInferRequest,
+           **grpc_repository.METHODS}
 
 
 # Answered without the API key, as REST's service/access.py opens only the health probes (and the
@@ -200,6 +203,10 @@ def _decoding(servicer: InferenceServicer, name: str, message: Any) -> Callable[
     method = getattr(servicer, name)
 
     async def handle(raw: bytes, context: Any) -> Any:
+        with grpc_metrics.observed(name, context):
+            return await _checked(raw, context)
+
+    async def _checked(raw: bytes, context: Any) -> Any:
         if name not in PUBLIC and not servicer.authorized(context):
             metrics.ERRORS.labels(kind="unauthorized").inc()
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
@@ -233,6 +240,8 @@ async def start(svc: Any, host: str, port: int) -> Any:
     server.add_generic_rpc_handlers((handlers(InferenceServicer(svc)),))
     checker = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    # Last: every method nobody above serves, answered UNIMPLEMENTED and counted under one label.
+    server.add_generic_rpc_handlers((grpc_metrics.Unimplemented(),))
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise OSError(f"gRPC: cannot bind {host}:{port}")
     await server.start()

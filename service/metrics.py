@@ -28,3 +28,10 @@ def for_model(metric: object, model: str):
     """``metric.labels(model=model)``, looked up once: ``labels()`` takes a lock and sorts keyword
     labels on every call, and the request path observes two of these per request."""
     return metric.labels(model=model)
+
+# gRPC (service/grpc_oip.py), which BentoML's HTTP metrics do not see. Labels are bounded: ``method``
+# is one of the served methods or "unmatched", ``code`` one of gRPC's 17 status code names.
+GRPC_REQUESTS = bentoml.metrics.Counter(name="imgserve_grpc_requests", labelnames=["method", "code"],
+                                        documentation="gRPC calls answered, by method and status code")
+GRPC_SECONDS = bentoml.metrics.Histogram(name="imgserve_grpc_request_seconds", labelnames=["method"], buckets=_LAT,
+                                         documentation="gRPC call time in the server, message decoded to answer")

@@ -1,0 +1,55 @@
+"""Metrics of the gRPC server (service/grpc_oip.py), with bounded labels as REST's (service/metrics_labels.py).
+
+``method`` is a served method's name or ``unmatched`` (any other path a client invents: each new
+path would otherwise be a new series for good), ``code`` a gRPC status code name: at most
+(served methods + 1) x 17 series, whatever clients send.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import grpc
+
+from service import metrics
+
+UNMATCHED = "unmatched"
+_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}  # the aio context reports an int or a StatusCode
+
+
+def _code(context: Any, error: BaseException | None) -> str:
+    if error is None:
+        return "OK"
+    if isinstance(error, asyncio.CancelledError):
+        return "CANCELLED"
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return _NAMES.get(code, "UNKNOWN")
+
+
+@contextmanager
+def observed(method: str, context: Any) -> Iterator[None]:
+    """Count one call of ``method`` by the status it ends with, and time it."""
+    t0 = time.perf_counter()
+    error = None
+    try:
+        yield
+    except BaseException as e:  # context.abort's exception included: it carries the status
+        error = e
+        raise
+    finally:
+        metrics.GRPC_REQUESTS.labels(method=method, code=_code(context, error)).inc()
+        metrics.GRPC_SECONDS.labels(method=method).observe(time.perf_counter() - t0)
+
+
+class Unimplemented(grpc.GenericRpcHandler):
+    """Registered last: any method no other handler serves answers UNIMPLEMENTED, counted as ``unmatched``."""
+
+    def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler:
+        async def refuse(request: bytes, context: Any) -> None:
+            metrics.GRPC_REQUESTS.labels(method=UNMATCHED, code="UNIMPLEMENTED").inc()
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"method {handler_call_details.method} is not served")
+        return grpc.unary_unary_rpc_method_handler(refuse)
