@@ -65,7 +65,8 @@ class RepositoryMethods:
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
         async def answer() -> Any:
-            await repository._repository(self.svc, change=True).unload(request.model_name)
+            repo = repository._repository(self.svc, change=True)
+            await repo.unload(request.model_name, _params(request.parameters))
             return pb.RepositoryModelUnloadResponse()
         return await self._call(context, answer)
 
