@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import operator_crds
 from deploy.k8s_render import RenderError, merge, render
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +64,7 @@ def service_facts() -> dict:
 
 
 def test_the_overlays_exist() -> None:
-    assert {o.name for o in OVERLAYS} >= {"baked", "mounted", "inflight-hpa", "gpu"}, OVERLAYS
+    assert {o.name for o in OVERLAYS} >= {"baked", "mounted", "inflight-hpa", "gpu", "monitoring"}, OVERLAYS
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
@@ -74,6 +75,9 @@ def test_rendered_manifests_are_valid_kubernetes(overlay: Path, rendered) -> Non
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds, kinds
     for doc in docs:
+        if operator_crds.is_operator_resource(doc):  # PodMonitor, PrometheusRule: not in the Kubernetes schemas
+            operator_crds.validate(doc)
+            continue
         try:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as e:
