@@ -4,7 +4,10 @@ The live answer never waits for the shadow: ``start`` schedules the shadow run a
 live logits exist, and the task compares the two top-1 answers into the metrics. Shadow work is the
 first thing shed: it is skipped (and counted) whenever live requests wait for the inference thread,
 another shadow run is still under way, or the shadow's admission control would refuse. So a live
-request waits for at most one shadow run of one request's images.
+request waits for at most one shadow run of one request's images. A run that would take over
+``CHEAP`` of the live request's own time so far (a big model, whose inference is most of a
+request) is let through at most once per ``RARE_EVERY`` live requests: fewer than 1 % of live
+requests can then wait for one, and live p99 stays where it was.
 Its answer goes nowhere but the metrics.
 """
 from __future__ import annotations
@@ -18,11 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import bentoml
-from service.batching import Overloaded
+from service.batching import Overloaded, waited_s
 from service.models import ServedModel, softmax
 
 logger = logging.getLogger(__name__)
 _LABELS = ["model", "live", "shadow"]
+CHEAP = 0.10  # a shadow run estimated at most this share of the live request's time runs whenever it can
+RARE_EVERY = 200  # a costlier one at most once per this many live requests that drew a shadow
 _LAT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 COMPARED = bentoml.metrics.Counter(name="imgserve_shadow_compared", labelnames=_LABELS,
@@ -61,13 +66,15 @@ class Shadows:
     is_served: object  # ServedModel -> bool: the shadow version is still loaded when its turn comes
     stats: dict[tuple[str, str, str], Stats] = field(default_factory=dict)
     tasks: set = field(default_factory=set)  # the shadow runs under way (at most one)
+    since_costly: int = RARE_EVERY  # live requests that drew a shadow since the last costly run
 
     def start(self, live: ServedModel, shadow: ServedModel | None, pixels: np.ndarray, logits: np.ndarray) -> None:
         """Run ``shadow`` on ``pixels`` in the background, or count it shed; never raises."""
         if shadow is None:
             return
         key = (live.name, live.version, shadow.version)
-        if self.tasks or _busy(live, shadow, len(pixels)):
+        self.since_costly += 1
+        if self.tasks or _busy(live, shadow, len(pixels)) or not self._affordable(shadow, len(pixels)):
             self._shed(key)
             return
         # A fresh context: the shadow's latency budget starts now, not when the live request arrived.
@@ -75,6 +82,16 @@ class Shadows:
                                                       context=contextvars.Context())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def _affordable(self, shadow: ServedModel, n: int) -> bool:
+        """Cheap next to the live request (``waited_s``: its time since it arrived), or the costly
+        run's turn has come."""
+        if shadow.batcher.per_image_s * n <= CHEAP * waited_s():
+            return True
+        if self.since_costly >= RARE_EVERY:
+            self.since_costly = 0
+            return True
+        return False
 
     def _shed(self, key: tuple[str, str, str]) -> None:
         SHED.labels(*key).inc()
