@@ -4,10 +4,11 @@ The live answer never waits for the shadow: ``start`` schedules the shadow run a
 live logits exist, and the task compares the two top-1 answers into the metrics. Shadow work is the
 first thing shed: it is skipped (and counted) whenever live requests wait for the inference thread,
 another shadow run is still under way, or the shadow's admission control would refuse. So a live
-request waits for at most one shadow run of one request's images. A run that would take over
-``CHEAP`` of the live request's own time so far (a big model, whose inference is most of a
-request) is let through at most once per ``RARE_EVERY`` live requests: fewer than 1 % of live
-requests can then wait for one, and live p99 stays where it was.
+request waits for at most one shadow run of one request's images. A small model's run (its batches
+run on the event loop: a whole batch within IMGSERVE_SMALL_MODEL_MS) costs less than the HTTP work
+of a request. A bigger model's run that would take over ``CHEAP`` of the live request's own time so
+far (a model whose inference is most of a request) is let through at most once per ``RARE_EVERY``
+live requests: fewer than 1 % of live requests can then wait for one, and live p99 stays.
 Its answer goes nowhere but the metrics.
 """
 from __future__ import annotations
@@ -84,9 +85,9 @@ class Shadows:
         task.add_done_callback(self.tasks.discard)
 
     def _affordable(self, shadow: ServedModel, n: int) -> bool:
-        """Cheap next to the live request (``waited_s``: its time since it arrived), or the costly
-        run's turn has come."""
-        if shadow.batcher.per_image_s * n <= CHEAP * waited_s():
+        """A small model, cheap next to the live request (``waited_s``: its time since it arrived),
+        or the costly run's turn has come."""
+        if getattr(shadow.batcher, "inline", False) or shadow.batcher.per_image_s * n <= CHEAP * waited_s():
             return True
         if self.since_costly >= RARE_EVERY:
             self.since_costly = 0

@@ -194,9 +194,8 @@ def _metric(text: str, name: str, labels: str) -> float:
 
 def test_shadow_agreement_equals_the_offline_agreement(http, bundle, bundle_v2, images):
     """v1 live, v2 in the shadow on every request: the answers are v1's, and the shadow's figures
-    equal those computed offline on the same images (those the shadow compared: one client at a
-    time leaves nothing to shed but the runs the service finds costly next to the live request on a
-    busy host)."""
+    equal those computed offline on the same images: one client at a time and a small model leave
+    nothing to shed."""
     z1, z2 = _offline_logits(bundle, images), _offline_logits(bundle_v2, images)
     assert 0 < int((z1.argmax(1) == z2.argmax(1)).sum()) < N_IMAGES, "the versions must disagree on some images"
     p1, p2 = (np.exp(z - z.max(1, keepdims=True)) for z in (z1, z2))
@@ -225,7 +224,7 @@ def test_shadow_agreement_equals_the_offline_agreement(http, bundle, bundle_v2, 
             compared.append(i)
         last = s
     n = len(compared)
-    assert n >= 10, f"only {n} of {N_IMAGES} compared"
+    assert n == N_IMAGES, f"{N_IMAGES - n} of {N_IMAGES} shed from one client"
     agreed = int((z1[compared].argmax(1) == z2[compared].argmax(1)).sum())
     delta = np.abs(p1[compared, top[compared]] - p2[compared, top[compared]]).sum()
     assert last["agreed"] - before["agreed"] == agreed and last["compared"] - before["compared"] == n, (last, agreed)
