@@ -10,6 +10,9 @@ each way of asking the same question, "the top 5 classes of this image" (fewer i
               ``probabilities`` with classification 5, returned as binary data
   oip-uint8   the same with UINT8 [1, H, W, C] pixels from the service's own Preprocessor
   oip-json    the file as a base64 BYTES element in plain JSON
+  grpc-uint8  OIP over gRPC (IMGSERVE_GRPC_PORT): ModelInfer with the pixels in raw_input_contents,
+              driven by h2load (loadtests.grpc_load), the same question and answer as oip-uint8
+  grpc-bytes  the same with the file as BYTES [1] in raw_input_contents
 Before measuring, one request of each kind must answer 200 with /classify's top class. ``--rounds N``
 first sends the kinds in turn, sequentially, N times (latency with the load drift shared); ``--repeat R``
 measures every point R times and prints medians (a shared machine drifts by 10-20 % between points). Prints
@@ -31,12 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from service import launcher
+from loadtests import grpc_load
 from loadtests.bench import _image_bytes, measure_server
 from loadtests.payloads import multipart
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 TOP_K = 5
+GRPC = "gRPC"  # the "path" of the gRPC kinds: measured with h2load on the gRPC port, not wrk
 
 
 def _oip(head: dict, tensor: bytes | None) -> tuple[bytes, dict[str, str]]:
@@ -62,6 +67,7 @@ def bodies(bundle: Path, image: bytes, filename: str) -> dict[str, tuple[str, by
     form, ctype = multipart({"top_k": str(k)}, [("image", (filename, image, "application/octet-stream"))])
     files = join_bytes([image])
     return {
+        **_grpc_bodies(name, inp, k, pixels, files),
         "multipart": ("/classify", form, {"CONTENT_TYPE": ctype}),
         "oip-bytes": (path, *_oip({"inputs": [{"name": inp, "datatype": "BYTES", "shape": [1],
                                                "parameters": {"binary_data_size": len(files)}}], "outputs": out}, files)),
@@ -73,6 +79,31 @@ def bodies(bundle: Path, image: bytes, filename: str) -> dict[str, tuple[str, by
                                   "outputs": [{"name": "probabilities", "parameters": {"classification": k}}]},
                                  None)),
     }
+
+
+def _grpc_bodies(name: str, inp: str, k: int, pixels: np.ndarray, files: bytes) -> dict[str, tuple[str, bytes, dict]]:
+    """The gRPC kinds: (GRPC, serialized ModelInferRequest, {}), outputs as the REST kinds ask them."""
+    from service.oip_grpc_gen import grpc_service_pb2 as pb
+
+    def call(datatype: str, shape: list[int], raw: bytes) -> bytes:
+        out = pb.ModelInferRequest.InferRequestedOutputTensor(
+            name="probabilities", parameters={"classification": pb.InferParameter(int64_param=k)})
+        return pb.ModelInferRequest(model_name=name, inputs=[pb.ModelInferRequest.InferInputTensor(
+            name=inp, datatype=datatype, shape=shape)], raw_input_contents=[raw], outputs=[out]).SerializeToString()
+
+    return {"grpc-uint8": (GRPC, call("UINT8", list(pixels.shape), pixels.tobytes()), {}),
+            "grpc-bytes": (GRPC, call("BYTES", [1], files), {})}
+
+
+def _grpc_top1(grpc_url: str, message: bytes) -> str:
+    import grpc
+
+    with grpc.insecure_channel(grpc_url) as ch:
+        answer = ch.unary_unary(grpc_load.PATH)(message, timeout=60)
+    from service.oip_grpc_gen import grpc_service_pb2 as pb
+
+    raw = pb.ModelInferResponse.FromString(answer).raw_output_contents[0]
+    return raw[4:4 + int.from_bytes(raw[:4], "little")].decode().split(":", 2)[2]
 
 
 def _top1(kind: str, status: int, body: bytes, headers) -> str:
@@ -89,10 +120,13 @@ def _top1(kind: str, status: int, body: bytes, headers) -> str:
     return first.decode().split(":", 2)[2]
 
 
-def check(url: str, cases: dict[str, tuple[str, bytes, dict[str, str]]]) -> None:
-    """Every kind answers 200 with the same top class as /classify."""
+def check(url: str, cases: dict[str, tuple[str, bytes, dict[str, str]]], grpc_url: str | None = None) -> None:
+    """Every kind answers 200 (gRPC: OK) with the same top class as /classify."""
     labels = {}
     for kind, (path, body, env) in cases.items():
+        if path == GRPC:
+            labels[kind] = _grpc_top1(grpc_url, body)
+            continue
         headers = {"Content-Type": env["CONTENT_TYPE"]}
         if "HEADER_LENGTH" in env:
             headers["Inference-Header-Content-Length"] = env["HEADER_LENGTH"]
@@ -136,13 +170,18 @@ def run_case(bundle: Path, image_spec: str, kinds: list[str], concs: list[int], 
              env: dict[str, str], rounds: int = 0, repeat: int = 1) -> list[dict]:
     image, filename = _image_bytes(image_spec, bundle)
     cases = {k: v for k, v in bodies(bundle, image, filename).items() if k in kinds}
+    grpc_url = None
+    if any(path == GRPC for path, _, _ in cases.values()):
+        port = launcher.free_port()
+        env, grpc_url = {**env, "IMGSERVE_GRPC_PORT": str(port)}, f"127.0.0.1:{port}"
     server = launcher.service_server([str(bundle)], launcher.free_port(), out / f"serve-{bundle.name}.log", env)
     rows: list[dict] = []
     with server.start():
         server.wait_ready()
-        check(server.url, cases)
+        check(server.url, cases, grpc_url)
         if rounds:
-            for kind, v in interleaved(server.url, cases, rounds).items():
+            http_cases = {k: v for k, v in cases.items() if v[0] != GRPC}
+            for kind, v in interleaved(server.url, http_cases, rounds).items():
                 log.info("interleaved %-10s p50 %7.2f ms  mean %7.2f ms", kind, v["p50_ms"], v["mean_ms"])
                 rows.append({"bundle": bundle.name, "kind": kind, "interleaved_rounds": rounds, **v})
         files = {}
@@ -153,7 +192,10 @@ def run_case(bundle: Path, image_spec: str, kinds: list[str], concs: list[int], 
         # compared with each other should be measured as close in time as possible.
         for c in [c for _ in range(repeat) for c in concs]:
             for kind, (path, body, wrk_env) in cases.items():
-                (r,) = measure_server(server, path, {**wrk_env, "BODY_FILE": str(files[kind])}, [c], duration_s)
+                if path == GRPC:
+                    (r,) = grpc_load.measure(server, grpc_url, body, [c], duration_s)
+                else:
+                    (r,) = measure_server(server, path, {**wrk_env, "BODY_FILE": str(files[kind])}, [c], duration_s)
                 rows.append({"bundle": bundle.name, "image": image_spec, "image_bytes": len(image), "kind": kind,
                              "body_bytes": len(body), "concurrency": r.concurrency, "ok_rps": round(r.ok_rps, 1),
                              "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors, "error_detail": r.error_detail,
@@ -191,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", action="append", required=True, metavar="BUNDLE:IMAGE",
                     help="a bundle directory and the image to send (fashion, digit, china, flower or a file)")
-    ap.add_argument("--kinds", default="multipart,oip-bytes,oip-uint8,oip-json", help="comma list of request kinds")
+    ap.add_argument("--kinds", default="multipart,oip-bytes,oip-uint8,oip-json",
+                    help="comma list of request kinds (also grpc-uint8, grpc-bytes)")
     ap.add_argument("--concurrency", default="1,8,32", help="comma list of wrk connections")
     ap.add_argument("--duration", type=int, default=10, help="seconds per point")
     ap.add_argument("--rounds", type=int, default=0,
