@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import copy
 import shutil
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-s", type=float, default=5.0)
     ap.add_argument("--for", dest="alert_for", default=None, help="every alert's `for:` (e.g. 10s), demos only")
     args = ap.parse_args(argv)
+    # Prometheus runs in its own session: a SIGTERM to us must still reach the `finally` that stops it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with tempfile.TemporaryDirectory(prefix="imgserve-prometheus-") as tmp:
         server = prometheus(Path(tmp), args.target, port=args.port, scrape_s=args.scrape_s, eval_s=args.eval_s,
                             alert_for=args.alert_for).start()
