@@ -57,20 +57,23 @@ def memory(srv: launcher.Server, c: httpx.Client, bundle: Path, image: bytes) ->
             "model_file_mib": round(size, 2), "ratio": round(per / size, 2)}
 
 
-def closed_loop(url: str, image: bytes, clients: int, secs: float) -> list[float]:
+def closed_loop(url: str, image: bytes, clients: int, secs: float, failed: list | None = None) -> list[float]:
+    """Latencies of the 2xx answers; the status of every other answer goes to ``failed``."""
     lat: list[float] = []
+    failed = [] if failed is None else failed
     lock = threading.Lock()
     end = time.monotonic() + secs
 
     def run() -> None:
-        mine = []
+        mine, bad = [], []
         with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
             while time.monotonic() < end:
                 t0 = time.perf_counter()
-                _classify(c, image)
-                mine.append(time.perf_counter() - t0)
+                r = c.post("/classify", files={"image": ("i.png", image, "image/png")})
+                (mine.append(time.perf_counter() - t0) if r.is_success else bad.append(r.status_code))
         with lock:
             lat.extend(mine)
+            failed.extend(bad)
 
     threads = [threading.Thread(target=run) for _ in range(clients)]
     for t in threads:
@@ -99,10 +102,11 @@ def shadow_cost(srv: launcher.Server, c: httpx.Client, image: bytes, clients: li
                 c.put("/v2/repository/traffic", content=json.dumps(POLICIES[mode])).raise_for_status()
                 before = _shadow_counts(c)
                 load = _loadavg()
-                lat = sorted(closed_loop(srv.url, image, n, secs))
+                failed: list[int] = []
+                lat = sorted(closed_loop(srv.url, image, n, secs, failed))
                 time.sleep(0.2)  # the last shadow runs land
                 after = _shadow_counts(c)
-                rows.append({"clients": n, "round": r, "mode": mode, "requests": len(lat),
+                rows.append({"clients": n, "round": r, "mode": mode, "requests": len(lat), "non2xx": len(failed),
                              "req_s": round(len(lat) / secs, 1), "p50_ms": round(1000 * lat[len(lat) // 2], 2),
                              "p99_ms": round(1000 * lat[int(len(lat) * 0.99)], 2),
                              "shadow_compared": after[0] - before[0], "shadow_shed": after[1] - before[1],
@@ -123,7 +127,8 @@ def summary(rows: list[dict]) -> list[dict]:
         out.append({"clients": n, "p99_off_ms": med["off"], "p99_shadow_ms": med["shadow"],
                     "p99_change_pct": round(100 * (med["shadow"] / med["off"] - 1), 1),
                     "req_s_off": reqs["off"], "req_s_shadow": reqs["shadow"],
-                    "shadow_compared_share": round(done / max(1, sum(r["requests"] for r in sh)), 3)})
+                    "shadow_compared_share": round(done / max(1, sum(r["requests"] for r in sh)), 3),
+                    "non2xx": sum(r["non2xx"] for r in rows if r["clients"] == n)})
     return out
 
 
