@@ -278,3 +278,10 @@ def test_an_unloaded_version_drains_before_it_goes(srv, http, bundle, images):
     assert any(a[2] == 200 for a in answers if a[0] < t_unload < a[1]), [a[:3] for a in answers]
     assert any(a[2] == 404 for a in answers)
     assert [m["version"] for m in http.get("/models").json()["models"]] == ["v1", "v2"]
+
+
+def test_put_is_off_without_explicit_model_control(server):
+    """Like loads and unloads: without IMGSERVE_MODEL_CONTROL=explicit the policy is read-only."""
+    r = httpx.put(server.url + "/v2/repository/traffic", content='{"digits": {"weights": {"1": 100}}}')
+    assert r.status_code == 403 and "IMGSERVE_MODEL_CONTROL=explicit" in r.json()["error"], r.text
+    assert httpx.get(server.url + "/v2/repository/traffic").json() == {}
