@@ -45,13 +45,17 @@ DESCRIPTION = ("Image classification for the bundles this server was started wit
 MODELS_OPENAPI = {"get": {
     "summary": "The served models: name, version, classes, input, preprocessing, backend",
     "description": "`default` names the model used when a request gives none; `api_key_required` says whether "
-                   "/classify needs `Authorization: Bearer KEY`.",
+                   "/classify needs `Authorization: Bearer KEY`; `models` has one entry per (name, version); "
+                   "`traffic` maps each name to its traffic policy and shadow figures, `traffic_policy` says where "
+                   "the policy in force came from (docs/rollouts.md).",
     "operationId": "models",
     "tags": ["Service APIs"],
     "responses": {"200": {"description": "the served models", "content": {"application/json": {"schema": {
         "type": "object", "required": ["default", "models"],
         "properties": {"default": {"type": "string"}, "api_key_required": {"type": "boolean"},
-                       "models": {"type": "array", "items": {"type": "object"}}}}}}}},
+                       "models": {"type": "array", "items": {"type": "object"}},
+                       "traffic": {"type": "object", "additionalProperties": {"type": "object"}},
+                       "traffic_policy": {"type": "object"}}}}}}},
 }}
 
 

@@ -1,12 +1,15 @@
 "use strict";
 // The demo page. It uses the public API only: GET /models fills the model list, each chosen file
-// is sent to POST /classify as multipart (fields image, model, top_k), and the JSON answer or the
-// service's own error message is shown; for a model that explains, POST /explain's heatmap is laid
-// over the upload with an opacity slider. Nothing is loaded from outside this server.
+// is sent to POST /classify as multipart (fields image, model, top_k, and version when one is
+// picked), and the JSON answer or the service's own error message is shown, with the version that
+// answered (a name can serve several, split by its traffic policy: docs/rollouts.md); for a model
+// that explains, POST /explain's heatmap of that same version is laid over the upload with an
+// opacity slider. Nothing is loaded from outside this server.
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "imgserve.apiKey"; // sessionStorage: the key lives as long as the tab
-let models = [];
+let models = []; // one entry per (name, version), as GET /models lists them
+let traffic = {}; // name -> its traffic policy (weights, shadow, sticky), as GET /models gives it
 let chosen = null; // the File being classified
 let latest = 0; // number of the last request sent: an older answer arriving later is dropped
 
@@ -48,14 +51,45 @@ async function loadModels() {
     return showError(`GET /models answered HTTP ${r.status}` + (body && body.error ? `: ${body.error}` : ""));
   }
   models = body.models;
-  $("model").replaceChildren(...models.map((m) =>
-    new Option(`${m.name} (version ${m.version})`, m.name, m.name === body.default, m.name === body.default)));
+  traffic = body.traffic || {};
+  const names = [...new Set(models.map((m) => m.name))];
+  $("model").replaceChildren(...names.map((n) => {
+    const vs = versionsOf(n).map((m) => m.version);
+    return new Option(`${n} (version${vs.length > 1 ? "s" : ""} ${vs.join(", ")})`, n, n === body.default,
+      n === body.default);
+  }));
   if (body.api_key_required) askForKey();
+  listVersions();
   describeModel();
 }
 
+function versionsOf(name) {
+  return models.filter((m) => m.name === name);
+}
+
+// The entry the model description is about: the picked version, else the one the name answers by default.
+function chosenModel() {
+  const vs = versionsOf($("model").value);
+  return vs.find((m) => m.version === $("version").value) || vs.find((m) => m.default_version) || vs[vs.length - 1];
+}
+
+function weightsText(name) {
+  const p = traffic[name];
+  return p && p.weights ? Object.entries(p.weights).map(([v, w]) => `${v} ${w} %`).join(", ") : "";
+}
+
+// With several versions: "any" (the traffic policy picks, or the newest without one) or one version.
+function listVersions() {
+  const name = $("model").value;
+  const vs = versionsOf(name);
+  const weights = weightsText(name);
+  $("version").replaceChildren(new Option(weights ? `any: traffic policy (${weights})` : "any: the newest", ""),
+    ...vs.map((m) => new Option(m.version, m.version)));
+  show("version-row", vs.length > 1);
+}
+
 function describeModel() {
-  const m = models.find((x) => x.name === $("model").value);
+  const m = chosenModel();
   if (!m) return;
   const inp = m.input;
   const colour = inp.channels === 1 ? "greyscale" : "RGB";
@@ -104,6 +138,7 @@ async function classify() {
   const form = new FormData();
   form.append("image", chosen, chosen.name);
   form.append("model", $("model").value);
+  if ($("version").value) form.append("version", $("version").value);
   form.append("top_k", $("topk").value);
   const headers = {};
   const key = $("key").value.trim();
@@ -131,11 +166,20 @@ async function classify() {
   if (key) sessionStorage.setItem(KEY_STORE, key);
   $("result-model").textContent = body.model;
   $("result-version").textContent = body.version;
+  $("result-route").textContent = route(body.model, form.get("version"));
   $("rtt").textContent = `${ms.toFixed(0)} ms`;
   $("predictions").replaceChildren(...body.predictions.map(predictionRow));
   $("result").dataset.file = chosen.name; // which upload this answer is for (the browser test waits on it)
   show("result", true);
+  form.set("version", body.version); // the heatmap explains the answer shown, of the version that gave it
   explain(form, headers, mine);
+}
+
+// Why this version answered: asked for, or picked by the traffic policy among several.
+function route(name, asked) {
+  if (asked) return "(the version asked for)";
+  if (versionsOf(name).length < 2) return "";
+  return weightsText(name) ? `(picked by the traffic policy: ${weightsText(name)})` : "(the newest)";
 }
 
 // The class-activation map of the top-1 class, over the upload (models that explain; docs/explain.md).
@@ -143,7 +187,7 @@ async function classify() {
 async function explain(form, headers, mine) {
   show("explain", false);
   show("explain-none", false);
-  const m = models.find((x) => x.name === $("model").value);
+  const m = chosenModel();
   if (!m || !m.explain || !m.explain.method) {
     $("explain-none").textContent = `No heatmap for this model: ${m && m.explain ? m.explain.reason : "unknown"}`;
     show("explain-none", true);
@@ -175,7 +219,8 @@ function setOpacity() {
 function setUp() {
   for (const el of document.querySelectorAll("#origin")) el.textContent = location.origin;
   $("key").value = sessionStorage.getItem(KEY_STORE) || "";
-  $("model").addEventListener("change", () => { describeModel(); classify(); });
+  $("model").addEventListener("change", () => { listVersions(); describeModel(); classify(); });
+  $("version").addEventListener("change", () => { describeModel(); classify(); });
   $("topk").addEventListener("change", classify);
   $("again").addEventListener("click", classify);
   $("opacity").addEventListener("input", setOpacity);

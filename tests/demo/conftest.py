@@ -62,6 +62,18 @@ def keyed_server(digits_bundle, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def canary_server(digits_bundle, tmp_path_factory):
+    """Two versions of digits (the same bundle twice, labelled v1 and v2) and a traffic policy file
+    that sends everything to v2."""
+    tmp = tmp_path_factory.mktemp("canary-server")
+    (tmp / "traffic.yaml").write_text("digits: {weights: {v1: 0, v2: 100}}\n")
+    srv = start_service({"IMGSERVE_MODELS": f"digits@v1={digits_bundle},digits@v2={digits_bundle}",
+                         "IMGSERVE_TRAFFIC": str(tmp / "traffic.yaml")}, tmp / "serve.log", tmp / "home")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
 def browser(tmp_path_factory):
     """Headless Chromium (Debian's chromium + chromium-driver) with a fresh profile."""
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")

@@ -74,6 +74,7 @@ def test_demo_shows_what_classify_answers(browser, demo_server, files, artifacts
     assert models == ["fashion", "digits"], models
     assert Select(browser.find_element(By.ID, "model")).first_selected_option.get_attribute("value") == "fashion"
     assert not browser.find_element(By.ID, "key-row").is_displayed(), "no API key is configured"
+    assert not browser.find_element(By.ID, "version-row").is_displayed(), "one version each: nothing to pick"
 
     for kind in ("png", "jpeg"):
         upload(browser, files[kind], "result")
@@ -135,6 +136,35 @@ def test_demo_overlays_the_heatmap_with_an_opacity_slider(browser, demo_server, 
     WebDriverWait(browser, WAIT_S).until(ec.visibility_of_element_located((By.ID, "explain-none")))
     assert "global average pooling" in browser.find_element(By.ID, "explain-none").text
     assert not browser.find_element(By.ID, "explain").is_displayed()
+    assert outside_loads(browser, url) == []
+
+
+def test_demo_shows_which_version_answered(browser, canary_server, files, artifacts) -> None:
+    """digits served as v1 and v2, the policy sends everything to v2: the page says v2 answered and
+    that the policy picked it; with v1 picked in the version list, v1 answers, as the API says."""
+    url = canary_server.url
+    open_demo(browser, url)
+    assert [o.text for o in Select(browser.find_element(By.ID, "model")).options] == ["digits (versions v1, v2)"]
+    versions = Select(browser.find_element(By.ID, "version"))
+    assert [o.text for o in versions.options] == ["any: traffic policy (v1 0 %, v2 100 %)", "v1", "v2"]
+    upload(browser, files["png"], "result")
+    api = api_answer(url, files["png"], "digits", 5)
+    assert api.headers["x-model-version"] == api.json()["version"] == "v2"
+    shown = rendered(browser)
+    assert (shown["model"], shown["version"]) == ("digits", "v2"), shown
+    route = browser.find_element(By.ID, "result-route").text
+    assert route == "(picked by the traffic policy: v1 0 %, v2 100 %)", route
+    browser.save_screenshot(str(artifacts / "demo-version-policy.png"))
+
+    versions.select_by_value("v1")
+    WebDriverWait(browser, WAIT_S).until(lambda b: b.find_element(By.ID, "result-version").text == "v1")
+    WebDriverWait(browser, WAIT_S).until(ec.visibility_of_element_located((By.ID, "result")))
+    pinned = httpx.post(url + "/classify", files={"image": (files["png"].name, files["png"].read_bytes())},
+                        data={"model": "digits", "version": "v1", "top_k": "5"}, timeout=60)
+    assert pinned.json()["version"] == pinned.headers["x-model-version"] == "v1"
+    assert rendered(browser)["labels"] == [p["label"] for p in pinned.json()["predictions"]]
+    assert browser.find_element(By.ID, "result-route").text == "(the version asked for)"
+    browser.save_screenshot(str(artifacts / "demo-version-pinned.png"))
     assert outside_loads(browser, url) == []
 
 
