@@ -552,6 +552,7 @@ def run(bundles: dict[str, Path], targets: list[str], a) -> list[dict]:
     start = {"process": lambda s: start_process(bundles, policy, a.out, s),
              "replicas": lambda s: start_replicas(a.replicas, a.runner, a.image, bundles, policy, a.out, s)}
     results = []
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     for name in targets:
         write_policy(policy, STEPS[0])
         with ExitStack() as stack:
@@ -560,12 +561,11 @@ def run(bundles: dict[str, Path], targets: list[str], a) -> list[dict]:
             res = measure(target, inputs, users, policy, a)
             res.update(loadavg_before=load_before, loadavg_after=loadavg())
         results.append(res)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    (a.out / "rollout.json").write_text(json.dumps(
-        {"results": results, "bundles": {v: str(b) for v, b in bundles.items()}, "commit": commit,
-         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "args": {k: str(v) for k, v in vars(a).items()},
-         "inputs": {"n": len(inputs), "disagree": sum(not x.agree for x in inputs)}}, indent=1, default=str))
-    log.info("saved %s", a.out / "rollout.json")
+        (a.out / "rollout.json").write_text(json.dumps(  # after each target: a later failure keeps it
+            {"results": results, "bundles": {v: str(b) for v, b in bundles.items()}, "commit": commit,
+             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "args": {k: str(v) for k, v in vars(a).items()},
+             "inputs": {"n": len(inputs), "disagree": sum(not x.agree for x in inputs)}}, indent=1, default=str))
+        log.info("saved %s", a.out / "rollout.json")
     return results
 
 

@@ -96,10 +96,10 @@ class HAProxy:
     """A haproxy process (own session, stopped by PID) and its admin socket."""
 
     def __init__(self, workdir: Path, pid: int | None = None) -> None:
-        self.workdir = workdir
-        self.cfg = workdir / "haproxy.cfg"
-        self.socket = workdir / "haproxy.sock"
-        self.log = workdir / "haproxy.log"
+        self.workdir = Path(workdir).resolve()  # HAProxy takes a relative `stats socket` path for host:port
+        self.cfg = self.workdir / "haproxy.cfg"
+        self.socket = self.workdir / "haproxy.sock"
+        self.log = self.workdir / "haproxy.log"
         self.pid = pid
 
     def start(self, settings: Settings, slots: list[str | None]) -> int:
