@@ -25,21 +25,33 @@ PIXEL_MEAN_BINS = 16          # per-image mean brightness histogram on [0, 255]
 EPS = 1e-4                    # share floor for empty bins (keeps PSI finite)
 
 
+def confidence_bin(conf: np.ndarray) -> np.ndarray:
+    """The bin of each top-1 confidence: ``CONFIDENCE_BINS`` equal bins of [0, 1], 1.0 in the last."""
+    return np.clip((np.asarray(conf, dtype=np.float64) * CONFIDENCE_BINS).astype(np.int64), 0, CONFIDENCE_BINS - 1)
+
+
 def confidence_hist(conf: np.ndarray) -> np.ndarray:
     """Counts of top-1 confidences in ``CONFIDENCE_BINS`` equal bins of [0, 1]."""
-    idx = np.clip((np.asarray(conf, dtype=np.float64) * CONFIDENCE_BINS).astype(np.int64), 0, CONFIDENCE_BINS - 1)
-    return np.bincount(idx, minlength=CONFIDENCE_BINS)
+    return np.bincount(confidence_bin(conf), minlength=CONFIDENCE_BINS)
 
 
 def class_counts(pred: np.ndarray, num_classes: int) -> np.ndarray:
     return np.bincount(np.asarray(pred, dtype=np.int64), minlength=num_classes)[:num_classes]
 
 
+def brightness(images: np.ndarray) -> np.ndarray:
+    """Per-image mean pixel value (all channels) of uint8 ``images`` (N, H, W, C)."""
+    return images.reshape(len(images), -1).mean(axis=1)
+
+
+def brightness_bin(means: np.ndarray) -> np.ndarray:
+    """The bin of each per-image mean: ``PIXEL_MEAN_BINS`` equal bins of [0, 256)."""
+    return np.clip((np.asarray(means) * PIXEL_MEAN_BINS / 256.0).astype(np.int64), 0, PIXEL_MEAN_BINS - 1)
+
+
 def brightness_hist(images: np.ndarray) -> np.ndarray:
     """Counts of per-image mean pixel value (all channels) in ``PIXEL_MEAN_BINS`` bins of [0, 256)."""
-    means = images.reshape(len(images), -1).mean(axis=1)
-    idx = np.clip((means * PIXEL_MEAN_BINS / 256.0).astype(np.int64), 0, PIXEL_MEAN_BINS - 1)
-    return np.bincount(idx, minlength=PIXEL_MEAN_BINS)
+    return np.bincount(brightness_bin(brightness(images)), minlength=PIXEL_MEAN_BINS)
 
 
 def shares(counts: Any) -> np.ndarray:

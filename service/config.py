@@ -55,6 +55,10 @@ class Settings:
     grpc_port: int = 0  # IMGSERVE_GRPC_PORT: OIP v2 over gRPC on this port; 0 (unset): no gRPC server
     grpc_host: str = "127.0.0.1"  # IMGSERVE_GRPC_HOST: 0.0.0.0 in the container, as its HTTP port
     traffic: str | None = None  # IMGSERVE_TRAFFIC: the traffic policy file (docs/rollouts.md); None: none
+    monitoring: bool = True  # live statistics and drift scores (docs/monitoring.md)
+    drift_window: int = 2000  # the drift window's most predictions
+    drift_window_s: int = 600  # ... and their greatest age
+    drift_min_samples: int = 200  # no score from a window with fewer
 
     def __repr__(self) -> str:  # never print the key
         return (f"Settings(models={self.models}, backend={self.backend}, precision={self.precision}, "
@@ -143,6 +147,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         grpc_port=_int(env, "IMGSERVE_GRPC_PORT", 0, lo=0),
         grpc_host=env.get("IMGSERVE_GRPC_HOST") or "127.0.0.1",
         traffic=env.get("IMGSERVE_TRAFFIC") or None,
+        monitoring=_bool(env, "IMGSERVE_MONITORING", True),
+        drift_window=_int(env, "IMGSERVE_DRIFT_WINDOW", 2000),
+        drift_window_s=_int(env, "IMGSERVE_DRIFT_WINDOW_S", 600),
+        drift_min_samples=_int(env, "IMGSERVE_DRIFT_MIN_SAMPLES", 200),
     )
 
 

@@ -181,6 +181,7 @@ class InferenceServicer(grpc_repository.RepositoryMethods, pb_grpc.GRPCInference
             pixels = await oip._pixels(svc, model, tensor)
             logits = await model.batcher.infer(pixels)
         svc.shadows.start(model, choice.shadow, pixels, logits)
+        model.monitor.observe(pixels, logits)
         return _response(model, msg.id, [oip._output(model, o, logits) for o in outputs])
 
 

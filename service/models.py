@@ -15,7 +15,7 @@ import numpy as np
 from imgformat.bundle import Bundle, BundleError, load_bundle
 from imgformat.constants import NAME_RE
 from imgformat.preprocess import Preprocessor
-from service import explain
+from service import explain, monitoring
 from service.backends import Backend, create_backend
 from service.batching import create_batcher
 from service.config import ModelSource, Settings
@@ -40,6 +40,7 @@ class ServedModel:
     no_explain: str = ""      # else why not (the 400 /explain answers)
     label: str = ""           # the version label it was configured under (NAME@VERSION=...), if any
     source: ModelSource | None = None  # where it was loaded from (the repository API reloads from there)
+    monitor: Any = monitoring.OFF  # live statistics and drift (service.monitoring.attach)
 
     @property
     def version(self) -> str:
@@ -58,7 +59,7 @@ class ServedModel:
                 "explain": ({"method": "cam", "layer": self.explainer.layer} if self.explainer is not None
                             else {"method": None, "reason": self.no_explain}),
                 "batches_on": "event_loop" if getattr(self.batcher, "inline", False) else "inference_thread",
-                "reference_stats": _reference_summary(m)}
+                "reference_stats": _reference_summary(m), "drift": self.monitor.describe()}
 
     def warm_up(self) -> float:
         """Run batch sizes 1 and 2 (dynamic batch axis, kernel choice), and the largest batch too when
@@ -168,6 +169,7 @@ def load_ready_model(src: ModelSource, settings: Settings, executor: Executor) -
     if batch_ms <= settings.small_model_ms:
         secs += _tune_small_model(m, settings)
     explain.attach(m, settings, executor)  # after tuning: it runs the backend the model ends up with
+    monitoring.attach(m, settings, softmax)
     logger.info("model %s v%s: %s on %s (%s), warm-up %.2f s, batch of %d in %.1f ms, %s",
                 m.name, m.version, m.file.name, m.backend.device, ",".join(m.backend.providers), secs,
                 m.batcher.max_batch_size, batch_ms,

@@ -155,6 +155,7 @@ async def answer_infer(scope: dict, body: bytes | None, name: str, version: str 
                 logits, _, heat = await explainer.maps(pixels, [None] * len(pixels))
         if explainer is None:
             svc.shadows.start(model, choice.shadow, pixels, logits)  # in the background; never awaited here
+        model.monitor.observe(pixels, logits)
         head = {"model_name": model.name, "model_version": model.version}
         if req.id is not None:
             head["id"] = req.id

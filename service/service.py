@@ -24,7 +24,7 @@ from starlette.routing import Route
 import bentoml
 from imgformat.bundle import BundleError
 from imgformat.preprocess import ImageError, stack
-from service import explain, metrics, metrics_labels, oip, onewrite, repository, rollout, timeouts
+from service import explain, metrics, metrics_labels, monitoring, oip, onewrite, repository, rollout, timeouts
 from service.answer import answer, current_service
 from service.config import Settings, load_settings
 from service.errors import Refused as _Refused
@@ -122,6 +122,11 @@ class ImgServe:
         """Re-read IMGSERVE_TRAFFIC when it changes, on this worker's event loop."""
         self._traffic_watch = rollout.watch(self.policy_file)
 
+    @bentoml.on_startup
+    async def watch_drift(self) -> None:
+        """Flush live statistics and rescore drift in the background (service/monitoring.py)."""
+        self._monitoring = monitoring.start(lambda: self.versions.every().values())
+
     @bentoml.on_shutdown
     async def stop_grpc(self) -> None:
         if getattr(self, "_grpc", None) is not None:
@@ -174,10 +179,15 @@ class ImgServe:
         """One upload -> (H, W, C) uint8. Small images decode on the event loop (a thread hop costs
         more than decoding a 28x28 PNG); big ones in a decoder thread, where PIL releases the GIL."""
         t0 = time.perf_counter()
-        img = model.preprocessor.open(io.BytesIO(upload.data))  # header only: size checks, no pixels yet
-        if img.width * img.height <= INLINE_DECODE_PIXELS:
-            return self._finish(model, img, t0)
-        return await anyio.to_thread.run_sync(self._finish, model, img, t0, limiter=self.decode_limiter)
+        try:
+            img = model.preprocessor.open(io.BytesIO(upload.data))  # header only: size checks, no pixels yet
+            model.monitor.saw_size(img.width, img.height)
+            if img.width * img.height <= INLINE_DECODE_PIXELS:
+                return self._finish(model, img, t0)
+            return await anyio.to_thread.run_sync(self._finish, model, img, t0, limiter=self.decode_limiter)
+        except ImageError:
+            model.monitor.decode_failed(upload.data)
+            raise
 
     async def _prepare(self, model: ServedModel, uploads: list) -> np.ndarray:
         """Decode every upload on its own; the first bad one refuses the request, naming the file."""
@@ -200,6 +210,7 @@ class ImgServe:
             pixels = await self._prepare(model, uploads)  # (n, H, W, C) uint8
             logits = await model.batcher.infer(pixels)  # (n, num_classes)
         self.shadows.start(model, choice.shadow, pixels, logits)  # in the background; never awaited here
+        model.monitor.observe(pixels, logits)
         return model, [top_k(row, kk, model.class_names) for row in logits]
 
     # -- API -------------------------------------------------------------------------------------

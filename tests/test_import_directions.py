@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["imgformat", "training", "export", "service", "container", "deploy", "loadtests"]
+PACKAGES = ["imgformat", "training", "export", "service", "monitoring", "container", "deploy", "loadtests"]
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:

@@ -1,0 +1,1 @@
+"""Offline monitoring tools: ``python -m monitoring.report`` (docs/monitoring.md)."""
