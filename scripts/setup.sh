@@ -15,6 +15,8 @@ as_root() {
 need_apt=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need_apt+=(dataset-fashion-mnist)
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+# h2load (nghttp2): the gRPC load generator of loadtests.oip_bench (HTTP/2, as wrk is for HTTP/1.1).
+command -v h2load >/dev/null 2>&1 || need_apt+=(nghttp2-client)
 # HAProxy: the load balancer of the local replicas (make replicas, tests/deploy).
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
 # Chromium and its WebDriver: the demo page's browser tests (headless, tests/demo).

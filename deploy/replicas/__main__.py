@@ -2,6 +2,7 @@
 
     python -m deploy.replicas up -n 2                      # make replicas N=2
     python -m deploy.replicas up -n 2 --bundle bundles/default
+    python -m deploy.replicas up -n 2 --grpc-port 8001          # and OIP over gRPC, balanced per call
     python -m deploy.replicas status
     python -m deploy.replicas up -n 2 --share /srv/bundles --share /srv/policy \
         -e IMGSERVE_MODELS=digits@v1=/srv/bundles/a,digits@v2=/srv/bundles/b -e IMGSERVE_TRAFFIC=/srv/policy/traffic.yaml
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--runner", default="podman", choices=sorted(RUNNERS), help="podman (default) or process")
     up.add_argument("--bundle", type=Path, help="serve this bundle directory, mounted read-only (default: the image's model)")
     up.add_argument("--port", type=int, default=8080, help="HAProxy's port on 127.0.0.1 (default 8080; 0: any free port)")
+    up.add_argument("--grpc-port", type=int, default=None,
+                    help="also balance OIP over gRPC (h2c) on this 127.0.0.1 port (0: any free port; default: no gRPC)")
     up.add_argument("-e", dest="env", action="append", default=[], help="IMGSERVE_NAME=VALUE for every replica")
     up.add_argument("--share", action="append", default=[], type=Path,
                     help="a host folder every replica reads at the same path, read-only (bundles, the traffic policy's folder)")
@@ -69,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{args.bundle} is not a bundle (no manifest.json); make one with: python -m export CHECKPOINT --out DIR")
         c = Cluster(args.workdir, runner=args.runner, image=args.image, shared=[str(d.resolve()) for d in args.share])
         try:
-            c.up(args.n, _threads(args.n, _env(args.env)), args.bundle, args.port)
+            c.up(args.n, _threads(args.n, _env(args.env)), args.bundle, args.port, grpc_port=args.grpc_port)
         except BaseException:
             c.down()
             raise
         print(c.describe())
-        print(f"serving on {c.url}   (stop: make replicas-down)")
+        print(f"serving on {c.url}{f' and gRPC on {c.grpc_url}' if c.grpc_port else ''}   (stop: make replicas-down)")
         return 0
     c = Cluster.load(args.workdir)
     if args.cmd == "roll":

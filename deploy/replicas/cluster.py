@@ -42,6 +42,7 @@ class Cluster:
     runner: str = "podman"
     image: str = ""
     port: int = 0
+    grpc_port: int = 0  # HAProxy's gRPC (h2c) port; 0: the replicas serve no gRPC
     haproxy_pid: int | None = None
     shared: list[str] = field(default_factory=list)  # host folders mounted read-only, same path, in every replica
     slots: list[dict | None] = field(default_factory=list)  # Replica.to_json() or None
@@ -53,7 +54,7 @@ class Cluster:
 
     def save(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        state = {k: getattr(self, k) for k in ("runner", "image", "port", "haproxy_pid", "shared", "slots")}
+        state = {k: getattr(self, k) for k in ("runner", "image", "port", "grpc_port", "haproxy_pid", "shared", "slots")}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, self.state_file)
@@ -76,40 +77,54 @@ class Cluster:
     def replicas(self) -> dict[int, Replica]:
         return {i: Replica(**s) for i, s in enumerate(self.slots) if s}
 
+    @property
+    def grpc_url(self) -> str:
+        """host:port of the balancer's gRPC frontend (what a gRPC client dials)."""
+        return f"127.0.0.1:{self.grpc_port}"
+
     def _ports(self) -> set[int]:
         """Ports this cluster holds or will bind: the balancer's and every replica's."""
-        return {self.port, *(r.port for r in self.replicas().values())}
+        return {self.port, self.grpc_port, *(p for r in self.replicas().values() for p in (r.port, r.grpc_port))}
+
+    def _start(self, env: dict[str, str], bundle: Path | None) -> Replica:
+        """One replica on free ports (HTTP, and gRPC when the balancer has a gRPC frontend)."""
+        port = free_port(self._ports())
+        if self.grpc_port:
+            env = {**env, "IMGSERVE_GRPC_PORT": str(free_port(self._ports() | {port}))}
+        return get_runner(self.runner).start(self.image, port, env, bundle, self.workdir / "logs", tuple(self.shared))
 
     # -- life cycle ------------------------------------------------------------------------------
-    def up(self, n: int, env: dict[str, str], bundle: Path | None, port: int, settings: Settings | None = None) -> None:
-        """Start n replicas, wait until each is ready, then HAProxy in front (one spare slot for rolls)."""
-        runner = get_runner(self.runner)
+    def up(self, n: int, env: dict[str, str], bundle: Path | None, port: int, settings: Settings | None = None,
+           grpc_port: int | None = None) -> None:
+        """Start n replicas, wait until each is ready, then HAProxy in front (one spare slot for rolls).
+        ``grpc_port`` (0: any free port): the replicas serve gRPC too, balanced on that port."""
         self.port = port or free_port()
+        if grpc_port is not None:
+            self.grpc_port = grpc_port or free_port({self.port})
         self.slots = [None] * (n + 1)
         self.save()
-        logs = self.workdir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            self.slots[i] = runner.start(self.image, free_port(self._ports()), env, bundle, logs,
-                                         tuple(self.shared)).to_json()
+            self.slots[i] = self._start(env, bundle).to_json()
             self.save()  # saved at once: `down` cleans up even if start-up fails half way
         for r in self.replicas().values():
             log.info("replica %s on port %d ready after %.1f s", r.ref[:12], r.port, wait_ready(r))
         addrs = [f"127.0.0.1:{s['port']}" if s else None for s in self.slots]
-        settings = settings or Settings()
-        self.haproxy_pid = self.haproxy.start(Settings(**{**vars(settings), "bind": f"127.0.0.1:{self.port}"}), addrs)
+        grpc = [Replica(**s).grpc_port if s else 0 for s in self.slots]
+        settings = Settings(**{**vars(settings or Settings()), "bind": f"127.0.0.1:{self.port}",
+                               "grpc_bind": f"127.0.0.1:{self.grpc_port}" if self.grpc_port else ""})
+        self.haproxy_pid = self.haproxy.start(settings, addrs, grpc)
         self.save()
 
     def replace(self, old: int, env: dict[str, str], bundle: Path | None) -> int:
         """One rolling step: a new replica takes slot `free`, then the one in slot `old` drains and stops."""
-        runner = get_runner(self.runner)
         hap = self.haproxy
         new = self.slots.index(None)
-        r = runner.start(self.image, free_port(self._ports()), env, bundle, self.workdir / "logs", tuple(self.shared))
+        r = self._start(env, bundle)
         self.slots[new] = r.to_json()
         self.save()
         took = wait_ready(r)
-        hap.point(new, r.port)
+        hap.point(new, r.port, r.grpc_port)
         hap.ready(new)
         hap.wait_status(new, "UP", 30)
         log.info("slot r%d: replica %s (%s) ready after %.1f s, in rotation", new, r.ref[:12], r.models, took)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BACKEND = "replicas"
+GRPC_BACKEND = "replicas_grpc"  # the same slots, at each replica's gRPC port (IMGSERVE_GRPC_PORT)
 SPARE = "127.0.0.1:1"  # address of an empty slot (in maintenance: never connected to)
 
 CONFIG = """\
@@ -66,6 +67,23 @@ backend {backend}
     # once (observe layer4) instead of waiting for {fall} failed checks.
     default-server check inter {inter_ms} fastinter {fast_ms} downinter {inter_ms} rise {rise} fall {fall} observe layer4 error-limit 1 on-error mark-down
 {servers}
+{grpc}"""
+
+# gRPC (OIP over HTTP/2 cleartext, "h2c") end to end: the frontend speaks HTTP/2 with prior
+# knowledge (what gRPC clients send), each server line too. HTTP mode, so HAProxy balances each call,
+# not each connection: a client's one long-lived channel still spreads over every replica. The
+# health check is the replica's HTTP /readyz on its HTTP port (port, check-proto h1).
+GRPC_CONFIG = """
+frontend imgserve_grpc
+    bind {grpc_bind} proto h2
+    default_backend {backend}
+
+backend {backend}
+    balance leastconn
+    option httpchk GET /readyz
+    http-check expect status 200
+    default-server check inter {inter_ms} fastinter {fast_ms} downinter {inter_ms} rise {rise} fall {fall} observe layer4 error-limit 1 on-error mark-down
+{servers}
 """
 
 
@@ -79,13 +97,22 @@ class Settings:
     fast_ms: int = 250
     rise: int = 2
     fall: int = 2
+    grpc_bind: str = ""  # "127.0.0.1:PORT": also balance the replicas' gRPC ports there; "": no gRPC
 
 
-def render(settings: Settings, socket_path: Path, slots: list[str | None]) -> str:
-    """haproxy.cfg for these slots: ``"127.0.0.1:PORT"`` of a replica, or None for an empty slot."""
+def render(settings: Settings, socket_path: Path, slots: list[str | None], grpc_ports: list[int] | None = None) -> str:
+    """haproxy.cfg for these slots: ``"127.0.0.1:PORT"`` of a replica, or None for an empty slot;
+    ``grpc_ports``: each slot's gRPC port (0 for an empty slot), with ``settings.grpc_bind``."""
     servers = "\n".join(f"    server r{i} {addr}" if addr else f"    server r{i} {SPARE} disabled"
                         for i, addr in enumerate(slots))
-    return CONFIG.format(socket=socket_path, servers=servers, backend=BACKEND, **vars(settings))
+    grpc = ""
+    if settings.grpc_bind:
+        ports = grpc_ports or [0] * len(slots)
+        # check-proto on each server line: HAProxy 2.6 takes it from no default-server line.
+        lines = [f"    server r{i} 127.0.0.1:{g} proto h2 port {addr.rsplit(':', 1)[1]} check-proto h1" if addr
+                 else f"    server r{i} {SPARE} proto h2 check-proto h1 disabled" for i, (addr, g) in enumerate(zip(slots, ports))]
+        grpc = GRPC_CONFIG.format(backend=GRPC_BACKEND, servers="\n".join(lines), **vars(settings))
+    return CONFIG.format(socket=socket_path, servers=servers, backend=BACKEND, grpc=grpc, **vars(settings))
 
 
 class HAProxyError(RuntimeError):
@@ -102,12 +129,12 @@ class HAProxy:
         self.log = self.workdir / "haproxy.log"
         self.pid = pid
 
-    def start(self, settings: Settings, slots: list[str | None]) -> int:
+    def start(self, settings: Settings, slots: list[str | None], grpc_ports: list[int] | None = None) -> int:
         exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
         if not Path(exe).exists():
             raise SystemExit("haproxy is not installed: apt-get install haproxy (scripts/setup.sh does)")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.cfg.write_text(render(settings, self.socket, slots))
+        self.cfg.write_text(render(settings, self.socket, slots, grpc_ports))
         check = subprocess.run([exe, "-c", "-q", "-f", str(self.cfg)], capture_output=True, text=True)
         if check.returncode != 0:
             raise SystemExit(f"haproxy refused {self.cfg}:\n{check.stdout}{check.stderr}")
@@ -163,32 +190,45 @@ class HAProxy:
         if out:  # admin commands answer nothing on success
             raise HAProxyError(f"haproxy: {cmd!r}: {out}")
 
-    def stats(self) -> dict[str, dict[str, str]]:
-        """``show stat`` rows of the backend by server name (r0, r1, ...; "BACKEND": the backend's totals)."""
+    def stats(self, backend: str = BACKEND) -> dict[str, dict[str, str]]:
+        """``show stat`` rows of a backend by server name (r0, r1, ...; "BACKEND": the backend's totals)."""
         text = self.command("show stat").lstrip("# ")
         rows = csv.DictReader(io.StringIO(text))
-        return {r["svname"]: r for r in rows if r["pxname"] == BACKEND}
+        return {r["svname"]: r for r in rows if r["pxname"] == backend}
 
-    def point(self, slot: int, port: int) -> None:
-        """Aim an empty (maintenance) slot at a replica on 127.0.0.1:port."""
-        out = self.command(f"set server {BACKEND}/r{slot} addr 127.0.0.1 port {port}")
-        if "changed" not in out and "no need to change" not in out:
-            raise HAProxyError(f"haproxy: set addr of r{slot}: {out.strip()}")
+    def backends(self) -> list[str]:
+        """The HTTP backend, and the gRPC one when the configuration has it: a slot is in both."""
+        has_grpc = self.cfg.is_file() and f"backend {GRPC_BACKEND}\n" in self.cfg.read_text()
+        return [BACKEND, GRPC_BACKEND] if has_grpc else [BACKEND]
+
+    def point(self, slot: int, port: int, grpc_port: int = 0) -> None:
+        """Aim an empty (maintenance) slot at a replica on 127.0.0.1:port (gRPC: grpc_port, checked on port)."""
+        addrs = {BACKEND: port, GRPC_BACKEND: grpc_port}
+        for backend in self.backends():
+            out = self.command(f"set server {backend}/r{slot} addr 127.0.0.1 port {addrs[backend]}")
+            if "changed" not in out and "no need to change" not in out:
+                raise HAProxyError(f"haproxy: set addr of {backend}/r{slot}: {out.strip()}")
+            if backend == GRPC_BACKEND:
+                self._admin(f"set server {backend}/r{slot} check-port {port}")
+
+    def _each(self, slot: int, state: str) -> None:
+        for backend in self.backends():
+            self._admin(f"set server {backend}/r{slot} state {state}")
 
     def ready(self, slot: int) -> None:
         """Put a slot in rotation. HAProxy counts it up at once (then checks it): call this only
         once the replica answered /readyz 200 itself."""
-        self._admin(f"set server {BACKEND}/r{slot} state ready")
+        self._each(slot, "ready")
 
     def drain(self, slot: int) -> None:
         """No new requests to this slot; what it has in flight finishes."""
-        self._admin(f"set server {BACKEND}/r{slot} state drain")
+        self._each(slot, "drain")
 
     def maint(self, slot: int) -> None:
-        self._admin(f"set server {BACKEND}/r{slot} state maint")
+        self._each(slot, "maint")
 
     def in_flight(self, slot: int) -> int:
-        return int(self.stats()[f"r{slot}"]["scur"] or 0)
+        return sum(int(self.stats(b)[f"r{slot}"]["scur"] or 0) for b in self.backends())
 
     def status(self, slot: int) -> str:
         return self.stats()[f"r{slot}"]["status"]

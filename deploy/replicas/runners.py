@@ -38,6 +38,11 @@ class Replica:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def grpc_port(self) -> int:
+        """Its gRPC port (IMGSERVE_GRPC_PORT; 0: none)."""
+        return int(self.env.get("IMGSERVE_GRPC_PORT", 0))
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -73,7 +78,7 @@ def podman_start(image: str, port: int, env: dict[str, str], bundle: Path | None
     cmd = ["run", "-d", "--network", "host", "--read-only", "--read-only-tmpfs=false", "--no-healthcheck",
            "--restart", "on-failure", "--label", "imgserve.replica=1",
            *[a for t in TMPFS for a in ("--tmpfs", f"{t}:rw,mode=1777")], *mounts,
-           "-e", "BENTOML_HOST=127.0.0.1", "-e", f"BENTOML_PORT={port}",
+           "-e", "BENTOML_HOST=127.0.0.1", "-e", f"BENTOML_PORT={port}", "-e", "IMGSERVE_GRPC_HOST=127.0.0.1",
            *[a for k, v in env.items() for a in ("-e", f"{k}={v}")], image]
     cid = _run(*cmd)
     return Replica("podman", cid, port, env.get("IMGSERVE_MODELS", "(image default)"),

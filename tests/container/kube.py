@@ -6,8 +6,9 @@ Test-only changes (nothing else of the rendered manifests is touched):
 - every name gets a unique suffix (podman's pods, ConfigMaps and secrets live in one shared
   namespace per host), and references to renamed objects follow;
 - the image is the one built by the tests;
-- `hostNetwork: true` and BENTOML_HOST=127.0.0.1 / BENTOML_PORT=<free port> (podman kube play has no
-  --publish; the server would otherwise bind 0.0.0.0); podman turns a declared container port into a
+- `hostNetwork: true` and BENTOML_HOST=127.0.0.1 / BENTOML_PORT=<free port>, and the same for gRPC
+  (IMGSERVE_GRPC_HOST / IMGSERVE_GRPC_PORT) (podman kube play has no --publish; the servers would
+  otherwise bind 0.0.0.0 and the fixed 8001); podman turns a declared container port into a
   port mapping, which host networking refuses, so `ports:` goes and the probes' named port `http`
   becomes that number;
 - a PersistentVolumeClaim becomes a podman volume the test fills (kube play cannot provision one).
@@ -111,8 +112,11 @@ def _localise(spec: dict, image: str, port: int, renamed: dict[str, str]) -> Non
     for c in spec["containers"]:
         c["image"] = image
         c["imagePullPolicy"] = "Never"
-        c["env"] = [e for e in c.get("env", []) if e["name"] not in ("BENTOML_HOST", "BENTOML_PORT")] + [
-            {"name": "BENTOML_HOST", "value": "127.0.0.1"}, {"name": "BENTOML_PORT", "value": str(port)}]
+        # gRPC too: on a free loopback port, not the manifest's fixed 8001 on every interface.
+        local = {"BENTOML_HOST": "127.0.0.1", "BENTOML_PORT": str(port), "IMGSERVE_GRPC_HOST": "127.0.0.1",
+                 "IMGSERVE_GRPC_PORT": str(free_port({port}))}
+        c["env"] = [e for e in c.get("env", []) if e["name"] not in local] + [
+            {"name": k, "value": v} for k, v in local.items()]
         named = {p["name"]: port for p in c.pop("ports", []) if p.get("name")}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             get = (c.get(probe) or {}).get("httpGet")

@@ -131,7 +131,9 @@ def test_probes_and_ports_are_the_services_own(overlay: Path, rendered, service_
     docs = rendered[overlay.name]
     c = container(docs)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"http": service_facts["port"]}, f"the service listens on {service_facts['port']}: {ports}"
+    grpc = int(next(e["value"] for e in c["env"] if e["name"] == "IMGSERVE_GRPC_PORT"))
+    assert ports == {"http": service_facts["port"], "grpc": grpc}, \
+        f"the service listens on {service_facts['port']} and gRPC on {grpc}: {ports}"
     probes = {k: c[k]["httpGet"] for k in ("startupProbe", "readinessProbe", "livenessProbe")}
     for name, get in probes.items():
         assert get["path"] in service_facts["routes"], f"{name} {get['path']} is not a route of the service"
@@ -146,6 +148,8 @@ def test_probes_and_ports_are_the_services_own(overlay: Path, rendered, service_
     assert ann["prometheus.io/path"] in service_facts["routes"]
     svc = by_key(docs)[("Service", "imgserve")]
     assert svc["spec"]["ports"][0]["targetPort"] in ports
+    (g,) = [p for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+    assert g["targetPort"] == "grpc" and g["appProtocol"] == "grpc", g  # HTTP/2 to the pods, for meshes/gateways
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)

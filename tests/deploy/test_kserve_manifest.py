@@ -31,6 +31,9 @@ def test_probes_and_port_are_the_services_own() -> None:
         get = c[probe]["httpGet"]
         assert get["path"] in paths and get["path"].startswith("/v2/health/"), (probe, get)
         assert get["port"] == c["ports"][0]["containerPort"]
+    # gRPC: the port named h2c (how KServe/Knative recognise HTTP/2 cleartext) is the one the service binds.
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert [p["containerPort"] for p in c["ports"] if p["name"] == "h2c"] == [int(env["IMGSERVE_GRPC_PORT"])]
 
 
 def test_env_is_what_the_service_reads() -> None:
