@@ -152,25 +152,7 @@ def drift_psi(url: str) -> dict[str, float]:
 NOT_AN_IMAGE = b"these bytes are not an image"
 
 
-# The per-model series of issue 23 item 2 (docs/monitoring.md, "Live series"), built in the service
-# separately: until the service exports them, the drift checks skip, saying so.
-LIVE_SERIES = ("imgserve_drift_score", "imgserve_drift_window_samples", "imgserve_predictions_total",
-               "imgserve_confidence", "imgserve_input_brightness", "imgserve_input_pixels",
-               "imgserve_decode_failures_total")
-
-
-@pytest.fixture(scope="module")
-def live_stats(server) -> bool:
-    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
-        return "imgserve_drift_score" in r.read().decode()
-
-
-def need_live_stats(live_stats: bool) -> None:
-    if not live_stats:
-        pytest.skip("the service exports no imgserve_drift_score yet (issue 23 item 2, docs/monitoring.md Live series)")
-
-
-def test_in_distribution_traffic_fires_no_alert(server, prom, images, live_stats) -> None:
+def test_in_distribution_traffic_fires_no_alert(server, prom, images) -> None:
     """One body in 50 is not an image (a 400, as clients do send): that is no reason to wake anyone."""
     bodies = images["in_distribution"]
     bodies = [b for i in range(0, len(bodies), 49) for b in (*bodies[i:i + 49], NOT_AN_IMAGE)]
@@ -184,13 +166,11 @@ def test_in_distribution_traffic_fires_no_alert(server, prom, images, live_stats
     print(f"\nin-distribution: {load.done} requests in {PHASE_S:.0f} s, statuses {load.statuses}, drift PSI {psi}")
     assert load.statuses.keys() == {200, 400}, load.statuses
     assert not seen, f"alerts during in-distribution traffic: {seen[:3]}"
-    need_live_stats(live_stats)
-    assert set(psi) == {"class_mix", "confidence"}, f"the drift score is not published: {psi}"
+    assert set(psi) >= {"class_mix", "confidence"}, f"the drift score is not published: {psi}"
     assert max(psi.values()) < 0.25, psi
 
 
-def test_shifted_inputs_fire_the_drift_alert(server, prom, images, live_stats) -> None:
-    need_live_stats(live_stats)
+def test_shifted_inputs_fire_the_drift_alert(server, prom, images) -> None:
     firing: list[dict] = []
     pending_at = None
     with Load(server.url, images["inverted"]) as load:
@@ -204,7 +184,8 @@ def test_shifted_inputs_fire_the_drift_alert(server, prom, images, live_stats) -
                 time.sleep(0.1)
         fired_at = (time.monotonic() - t0, load.done)
     print(f"\nshifted (inverted): threshold crossed (pending) after {pending_at}, firing after {fired_at} "
-          f"(seconds, requests; `for` {ALERT_FOR}, scrape and evaluation 1 s); statuses {load.statuses}")
+          f"(seconds, requests; `for` {ALERT_FOR}, scrape and evaluation 1 s); statuses {load.statuses}; "
+          f"firing: {[(a['labels']['signal'], a['value']) for a in firing]}")
     assert firing, f"ImgserveDriftHigh did not fire within {PHASE_S} s of inverted inputs ({load.done} requests)"
     labels = firing[0]["labels"]
     assert (labels["model"], labels["version"], labels["severity"]) == ("digits", "1", "warning"), labels
@@ -226,15 +207,12 @@ def dashboard_queries() -> list[tuple[str, str]]:
     return out
 
 
-def test_every_dashboard_query_succeeds_with_data(prom, live_stats) -> None:
-    """Every query succeeds (api() checks the status); all return data after the traffic above (those
-    of the live series and the alerts only where the service exports the live series)."""
+def test_every_dashboard_query_succeeds_with_data(prom) -> None:
+    """Every query succeeds (api() checks the status) and returns data after the traffic above."""
     queries = dashboard_queries()
     assert len(queries) >= 15
-    waived = LIVE_SERIES + ("ALERTS",) if not live_stats else ()
-    empty = [(title, expr) for title, expr in queries if not query(prom.url, expr) and not any(w in expr for w in waived)]
+    empty = [(title, expr) for title, expr in queries if not query(prom.url, expr)]
     assert not empty, f"panels whose query returns nothing after the traffic above: {empty}"
-    need_live_stats(live_stats)
 
 
 def test_a_stopped_service_fires_down(server, prom) -> None:
