@@ -52,3 +52,28 @@ def logits_variant(bundle, out, op: str, value, version: str):
     m["version"] = version
     (out / "manifest.json").write_text(json.dumps(m, indent=2))
     return out
+
+
+# -- gRPC (tests/service/test_grpc*.py) ----------------------------------------------------------
+def start_grpc_service(env: dict[str, str], tmp):
+    """A real ``bentoml serve`` with OIP over gRPC on a free port: the server, with ``grpc_url`` set."""
+    from service.launcher import free_port, start_service
+
+    port = free_port()
+    srv = start_service({**env, "IMGSERVE_GRPC_PORT": str(port)}, tmp / "serve.log", tmp / "bentoml_home")
+    srv.grpc_url = f"127.0.0.1:{port}"
+    return srv
+
+
+def digit_pngs(n: int = 4) -> list[bytes]:
+    imgs, _ = digit_uploads(n)
+    return [png_bytes(i) for i in imgs]
+
+
+def triton_bytes_input(files: list[bytes]):
+    """tritonclient.grpc's BYTES [N] input of encoded files."""
+    import tritonclient.grpc as tg
+
+    inp = tg.InferInput("image", [len(files)], "BYTES")
+    inp.set_data_from_numpy(np.array(files, dtype=np.object_))
+    return inp

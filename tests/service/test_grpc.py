@@ -14,8 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings, strategies as st
 from tritonclient.utils import InferenceServerException
 
-from service.launcher import free_port, start_service
-from svc_factory import digit_uploads, png_bytes
+from svc_factory import digit_pngs, start_grpc_service, triton_bytes_input
 
 KEY = "grpc-s3cret"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -24,11 +23,9 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def grpc_server(bundle, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("svc-grpc")
-    port = free_port()
-    env = {"IMGSERVE_MODELS": str(bundle), "IMGSERVE_API_KEY": KEY, "IMGSERVE_GRPC_PORT": str(port),
+    env = {"IMGSERVE_MODELS": str(bundle), "IMGSERVE_API_KEY": KEY,
            "IMGSERVE_MAX_BODY_BYTES": "3000000", "IMGSERVE_MAX_IMAGES": "16"}
-    srv = start_service(env, tmp / "serve.log", tmp / "bentoml_home")
-    srv.grpc_url = f"127.0.0.1:{port}"
+    srv = start_grpc_service(env, tmp)
     yield srv
     srv.stop()
 
@@ -40,14 +37,10 @@ def client(grpc_server) -> tg.InferenceServerClient:
 
 @pytest.fixture(scope="module")
 def files() -> list[bytes]:
-    imgs, _ = digit_uploads(4)
-    return [png_bytes(i) for i in imgs]
+    return digit_pngs(4)
 
 
-def _bytes_input(files: list[bytes]) -> tg.InferInput:
-    inp = tg.InferInput("image", [len(files)], "BYTES")
-    inp.set_data_from_numpy(np.array(files, dtype=np.object_))
-    return inp
+_bytes_input = triton_bytes_input
 
 
 def _rest_probabilities(server, files: list[bytes]) -> np.ndarray:

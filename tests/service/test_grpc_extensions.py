@@ -23,10 +23,9 @@ import tritonclient.grpc as tg
 from google.protobuf import json_format
 from tritonclient.utils import InferenceServerException
 
-from service.launcher import free_port, start_service
 from service.oip_grpc_gen import grpc_service_pb2, model_config_pb2
 from service.oip_grpc_gen import grpc_service_pb2_grpc as pb_grpc
-from svc_factory import digit_uploads, png_bytes
+from svc_factory import digit_pngs, start_grpc_service, triton_bytes_input
 
 KEY = "grpc-ext-s3cret"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -43,12 +42,10 @@ def model_root(bundle, tmp_path_factory):
 @pytest.fixture(scope="module")
 def srv(bundle, model_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("svc-grpc-ext")
-    port = free_port()
-    env = {"IMGSERVE_MODELS": str(bundle), "IMGSERVE_API_KEY": KEY, "IMGSERVE_GRPC_PORT": str(port),
+    env = {"IMGSERVE_MODELS": str(bundle), "IMGSERVE_API_KEY": KEY,
            "IMGSERVE_MODEL_CONTROL": "explicit", "IMGSERVE_MODEL_ROOT": str(model_root),
            "IMGSERVE_MAX_QUEUE": str(MAX_QUEUE), "IMGSERVE_MAX_IMAGES": "4"}
-    s = start_service(env, tmp / "serve.log", tmp / "bentoml_home")
-    s.grpc_url = f"127.0.0.1:{port}"
+    s = start_grpc_service(env, tmp)
     yield s
     s.stop()
 
@@ -60,14 +57,10 @@ def client(srv) -> tg.InferenceServerClient:
 
 @pytest.fixture(scope="module")
 def files() -> list[bytes]:
-    imgs, _ = digit_uploads(4)
-    return [png_bytes(i) for i in imgs]
+    return digit_pngs(4)
 
 
-def _bytes_input(files: list[bytes]) -> tg.InferInput:
-    inp = tg.InferInput("image", [len(files)], "BYTES")
-    inp.set_data_from_numpy(np.array(files, dtype=np.object_))
-    return inp
+_bytes_input = triton_bytes_input
 
 
 def test_model_config_is_rests(client, srv):
