@@ -4,8 +4,10 @@ changes: unique names, loopback port, the test image, a podman volume for a PVC)
 
 Checked for every Deployment: the pod runs as the manifest's non-root user on a read-only root with
 only /tmp writable; the ConfigMap's values and the Secret's key reach the server (a request without
-the key is refused, with it answered); the probes' paths answer 200; a classification equals the
-same bundle served as a process; `podman kube down` leaves no pod, container, secret or listener.
+the key is refused, with it answered); a ConfigMap mounted as a folder arrives file by file, and a
+traffic policy among them (IMGSERVE_TRAFFIC, the canary overlay) is the one the pod serves by; the
+probes' paths answer 200; a classification equals the same bundle served as a process (by one of the
+versions the policy routes to); `podman kube down` leaves no pod, container, secret or listener.
 
 What kube play cannot show, and where it is covered instead: the HorizontalPodAutoscaler, the
 PodDisruptionBudget, the Service's endpoints and the rolling update (maxSurge 1 / maxUnavailable 0,
@@ -21,6 +23,7 @@ import uuid
 
 import httpx
 import pytest
+import yaml
 
 from ctr_run import classify, inputs
 from kube import filled_volume, kustomizations, play, podman_secret, prepare, render
@@ -45,27 +48,31 @@ def played(request, engine, cpu_image, digits_bundle, tmp_path):
         podman_secret(engine, f"{name}-{suffix}", {"api-key": API_KEY})
         secrets.append(f"{name}-{suffix}")
     for d in docs:
-        if d["kind"] == "PersistentVolumeClaim":  # the mounted overlay's model volume, holding the bundle it names
+        if d["kind"] == "PersistentVolumeClaim":  # the model volume, holding every bundle IMGSERVE_MODELS names
             volume = f"{d['metadata']['name']}-{suffix}"
-            filled_volume(engine, volume, {model_dir(docs): digits_bundle})
+            filled_volume(engine, volume, {folder: digits_bundle for folder in model_dirs(docs)})
             volumes.append(volume)
     p = play(engine, request.param, docs, to_play, pods, tmp_path, secrets, volumes)
     yield p
     p.down()
 
 
-def model_dir(docs: list[dict]) -> str:
-    """The folder under the volume the Deployment's IMGSERVE_MODELS names (/models/digits-v1 -> digits-v1)."""
+def model_dirs(docs: list[dict]) -> list[str]:
+    """The folders under the volume that the Deployment's IMGSERVE_MODELS names, one per entry
+    (/models/digits-v1 -> digits-v1; digits@v1=/models/digits-v1,digits@v2=/models/digits-v2 -> both)."""
+    from service.config import parse_models
+
+    found = []
     for d in docs:
         if d["kind"] == "Deployment":
             for c in d["spec"]["template"]["spec"]["containers"]:
                 mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
                 for e in c.get("env", []):
                     if e["name"] == "IMGSERVE_MODELS":
-                        for mount in mounts:
-                            if e["value"].startswith(mount + "/"):
-                                return e["value"][len(mount) + 1:]
-    raise AssertionError("a PersistentVolumeClaim but no IMGSERVE_MODELS under its mount")
+                        found += [src.location[len(m) + 1:] for src in parse_models(e["value"]) for m in mounts
+                                  if src.location.startswith(m + "/")]
+    assert found, "a PersistentVolumeClaim but no IMGSERVE_MODELS under its mount"
+    return found
 
 
 def wait_ready(url: str, path: str) -> None:
@@ -101,10 +108,15 @@ def test_pods_from_the_manifests_serve_as_the_manifests_say(played, engine, proc
         served = httpx.get(url + "/models", headers=headers, timeout=10).json()["models"][0]
         limit = container["resources"]["limits"]["cpu"]
         assert served["intra_op_threads"] <= int(limit), (served, limit)
+        versions = _policy_arrives(engine, cid, deployment, played.docs, url, headers, played.name)
         for what, upload in inputs().items():
             got = classify(url, upload, headers=headers)
             want = classify(process.url, upload, model=served["name"])
             assert got.status_code == want.status_code == 200, (played.name, what, got.text, want.text)
+            if versions:  # several versions of the same bundle: the answer is the process's, by one of them
+                assert got.json()["version"] == got.headers["x-model-version"] in versions, (got.json(), versions)
+                assert {**got.json(), "version": None} == {**want.json(), "version": None}, (got.json(), want.json())
+                continue
             assert got.json() == want.json(), f"{played.name} {what}: pod {got.json()} != process {want.json()}"
     out = played.down()
     assert out.returncode == 0, out.stderr
@@ -135,9 +147,9 @@ def _config_and_secret_arrive(engine, cid: str, deployment: dict, docs: list[dic
                  for d in (s.get("configMapRef") for s in c.get("envFrom", [])) if d}
     assert configmap, f"{name}: the Deployment reads no ConfigMap"
     explicit = {e["name"] for c in deployment["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
-    both = explicit & set(configmap_values(docs))
+    both = explicit & set(configmap_values(docs, deployment))
     assert not both, f"{name}: {both} set in the ConfigMap and as env: podman kube play lets envFrom win, Kubernetes env"
-    for key, value in configmap_values(docs).items():
+    for key, value in configmap_values(docs, deployment).items():
         assert env.get(key) == str(value), f"{name}: {key}={env.get(key)!r}, the ConfigMap says {value!r}"
     limit = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]
     assert env.get("IMGSERVE_THREADS") == str(limit), f"{name}: IMGSERVE_THREADS={env.get('IMGSERVE_THREADS')}"
@@ -146,5 +158,31 @@ def _config_and_secret_arrive(engine, cid: str, deployment: dict, docs: list[dic
     assert classify(url, upload).status_code == 401, f"{name}: served without the key"
 
 
-def configmap_values(docs: list[dict]) -> dict[str, str]:
-    return {k: v for d in docs if d["kind"] == "ConfigMap" for k, v in d["data"].items()}
+def _policy_arrives(engine, cid: str, deployment: dict, docs: list[dict], url: str, headers: dict,
+                   name: str) -> set[str]:
+    """Every ConfigMap mounted as a folder is there, file by file; with IMGSERVE_TRAFFIC naming one of
+    those files, the pod serves by that policy (GET /models). Returns the versions it routes to."""
+    spec = deployment["spec"]["template"]["spec"]
+    maps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    volumes = {v["name"]: v["configMap"]["name"] for v in spec.get("volumes", []) if "configMap" in v}
+    container = spec["containers"][0]
+    files = {f"{m['mountPath']}/{key}": text for m in container.get("volumeMounts", []) if m["name"] in volumes
+             for key, text in maps[volumes[m["name"]]].items()}
+    for path, text in files.items():
+        assert engine.run("exec", cid, "cat", path).stdout == text, f"{name}: {path} is not the ConfigMap's"
+    traffic = next((e["value"] for e in container.get("env", []) if e["name"] == "IMGSERVE_TRAFFIC"), None)
+    if traffic is None:
+        return set()
+    assert traffic in files, f"{name}: IMGSERVE_TRAFFIC={traffic} is no file of a mounted ConfigMap"
+    want = yaml.safe_load(files[traffic])
+    got = httpx.get(url + "/models", headers=headers, timeout=10).json()["traffic"]
+    for model, policy in want.items():
+        assert got[model]["weights"] == policy["weights"], f"{name}: serving by {got[model]}, the ConfigMap says {policy}"
+    return {v for policy in want.values() for v, w in policy["weights"].items() if w > 0}
+
+
+def configmap_values(docs: list[dict], deployment: dict) -> dict[str, str]:
+    """The values of the ConfigMaps the Deployment reads as environment (envFrom)."""
+    names = {s["configMapRef"]["name"] for c in deployment["spec"]["template"]["spec"]["containers"]
+             for s in c.get("envFrom", []) if "configMapRef" in s}
+    return {k: v for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] in names for k, v in d["data"].items()}

@@ -64,7 +64,7 @@ def service_facts() -> dict:
 
 
 def test_the_overlays_exist() -> None:
-    assert {o.name for o in OVERLAYS} >= {"baked", "mounted", "inflight-hpa", "gpu", "monitoring"}, OVERLAYS
+    assert {o.name for o in OVERLAYS} >= {"baked", "mounted", "inflight-hpa", "gpu", "monitoring", "canary"}, OVERLAYS
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
@@ -268,3 +268,34 @@ def test_gpu_overlay_asks_for_one_gpu_and_is_otherwise_the_inflight_one(rendered
     strip = lambda d: {**d, "spec": {**d["spec"], "template": {**d["spec"]["template"], "spec": {
         k: v for k, v in d["spec"]["template"]["spec"].items() if k not in ("tolerations", "containers")}}}}
     assert strip(gpu) == strip(cpu)
+
+
+def test_canary_overlay_serves_two_versions_by_the_mounted_policy(rendered) -> None:
+    """Both versions on the read-only model volume under one name; IMGSERVE_TRAFFIC is a file of
+    the policy ConfigMap, mounted as a folder (a subPath mount never sees an update), and the
+    policy in it is one the service accepts for exactly those versions."""
+    from service.config import parse_models
+    from service.traffic import parse_text
+
+    docs = rendered["canary"]
+    c = container(docs)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    sources = parse_models(env["IMGSERVE_MODELS"])
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert len(sources) >= 2 and len({s.name for s in sources}) == 1, sources
+    assert len({s.version for s in sources}) == len(sources) and all(s.version for s in sources)
+    assert all(s.location.startswith(mounts["models"]["mountPath"] + "/") for s in sources), sources
+    folder, _, key = env["IMGSERVE_TRAFFIC"].rpartition("/")
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == folder)
+    assert mount["readOnly"] is True and "subPath" not in mount, mount
+    vol = next(v for v in deployment(docs)["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    cm = by_key(docs)[("ConfigMap", vol["configMap"]["name"])]
+    policies = parse_text(cm["data"][key], {sources[0].name: {s.version for s in sources}})
+    weights = dict(policies[sources[0].name].weights)
+    assert 0 < weights["v2"] < 100, f"a canary sends some, not all, traffic to the new version: {weights}"
+    # Nothing else differs from the mounted overlay's Deployment: same pods, two versions, one policy.
+    strip = lambda d: {**d, "spec": {**d["spec"], "template": {**d["spec"]["template"], "spec": {
+        k: v for k, v in d["spec"]["template"]["spec"].items() if k not in ("volumes", "containers")}}}}
+    assert strip(deployment(docs)) == strip(deployment(rendered["mounted"]))
+    assert {k: v for k, v in c.items() if k not in ("env", "volumeMounts")} == \
+        {k: v for k, v in container(rendered["mounted"]).items() if k not in ("env", "volumeMounts")}
