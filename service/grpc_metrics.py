@@ -7,6 +7,7 @@ path would otherwise be a new series for good), ``code`` a gRPC status code name
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -30,6 +31,13 @@ def _code(context: Any, error: BaseException | None) -> str:
     return _NAMES.get(code, "UNKNOWN")
 
 
+@functools.lru_cache(maxsize=None)  # bounded: the labels are (see above)
+def _child(metric: Any, **labels: str) -> Any:
+    """``metric.labels(...)`` looked up once per label set, as ``metrics.for_model``: ``labels()``
+    takes a lock and sorts its keywords on every call."""
+    return metric.labels(**labels)
+
+
 @contextmanager
 def observed(method: str, context: Any) -> Iterator[None]:
     """Count one call of ``method`` by the status it ends with, and time it."""
@@ -41,8 +49,8 @@ def observed(method: str, context: Any) -> Iterator[None]:
         error = e
         raise
     finally:
-        metrics.GRPC_REQUESTS.labels(method=method, code=_code(context, error)).inc()
-        metrics.GRPC_SECONDS.labels(method=method).observe(time.perf_counter() - t0)
+        _child(metrics.GRPC_REQUESTS, method=method, code=_code(context, error)).inc()
+        _child(metrics.GRPC_SECONDS, method=method).observe(time.perf_counter() - t0)
 
 
 class Unimplemented(grpc.GenericRpcHandler):
@@ -50,6 +58,6 @@ class Unimplemented(grpc.GenericRpcHandler):
 
     def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler:
         async def refuse(request: bytes, context: Any) -> None:
-            metrics.GRPC_REQUESTS.labels(method=UNMATCHED, code="UNIMPLEMENTED").inc()
+            _child(metrics.GRPC_REQUESTS, method=UNMATCHED, code="UNIMPLEMENTED").inc()
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"method {handler_call_details.method} is not served")
         return grpc.unary_unary_rpc_method_handler(refuse)
