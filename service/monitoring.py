@@ -23,10 +23,10 @@ import bentoml
 from imgformat import refstats
 from service import drift
 
-FLUSH_IMAGES = 128            # pending images before the request path flushes them itself
+FLUSH_IMAGES = 256            # pending images before the request path flushes them itself
 FLUSH_BYTES = 8 * 1024 * 1024  # ... or pending pixel bytes (big inputs): a bound on what is held
 FLUSH_S = 1.0                 # the background flush: /metrics lags traffic by at most this
-SCORE_EVERY = 100             # predictions between two drift scorings ...
+SCORE_EVERY = 500             # predictions between two drift scorings ...
 SCORE_EVERY_S = 5.0           # ... or seconds (so an idle window still ages out)
 
 # The reference's bins (imgformat/refstats.py), so a panel of the live histogram compares with it.
@@ -166,6 +166,16 @@ class Monitor:
                 DRIFT.labels(self.name, self.version, signal, metric).set(
                     math.nan if scores is None else scores[signal][metric])
 
+    def retire(self) -> None:
+        """No longer served (repository unload or replace): its gauges stop claiming a score, so a
+        drift alert on a version that left resolves."""
+        self.flush()
+        self._window_gauge.set(0)
+        if self._published:
+            for signal in drift.SIGNALS:
+                for metric in drift.METRICS:
+                    DRIFT.labels(self.name, self.version, signal, metric).set(math.nan)
+
     def describe(self) -> dict[str, Any]:
         """GET /models' ``drift``: scored now, from everything observed so far."""
         self.flush(score=True)
@@ -189,6 +199,9 @@ class Off:
         pass
 
     def flush(self, now: float | None = None, score: bool = False) -> None:
+        pass
+
+    def retire(self) -> None:
         pass
 
     def describe(self) -> dict[str, Any]:

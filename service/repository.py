@@ -129,6 +129,8 @@ class ModelRepository:
     async def _retire_all(self, olds: list[ServedModel]) -> None:
         """Drain every model in ``olds`` (together), then free them."""
         await asyncio.gather(*(self._retire(m) for m in olds))
+        for m in olds:
+            m.monitor.retire()
         olds.clear()  # the last references
         gc.collect()  # the frozen-threshold gc (service.tune_gc) would keep cycles around for long
         malloc_trim()
