@@ -45,7 +45,9 @@ DESCRIPTION = ("Image classification for the bundles this server was started wit
 MODELS_OPENAPI = {"get": {
     "summary": "The served models: name, version, classes, input, preprocessing, backend",
     "description": "`default` names the model used when a request gives none; `api_key_required` says whether "
-                   "/classify needs `Authorization: Bearer KEY`; `models` has one entry per (name, version); "
+                   "/classify needs `Authorization: Bearer KEY`; `models` has one entry per (name, version), with "
+                   "`reference_stats` (present or why not) and `drift` (its live window's histograms and drift "
+                   "scores against the reference, docs/monitoring.md); "
                    "`traffic` maps each name to its traffic policy and shadow figures, `traffic_policy` says where "
                    "the policy in force came from (docs/rollouts.md).",
     "operationId": "models",
