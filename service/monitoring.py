@@ -13,6 +13,7 @@ seconds. ``IMGSERVE_MONITORING=0`` attaches ``OFF`` instead, whose methods do no
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from typing import Any, Callable, Iterable
@@ -22,6 +23,8 @@ import numpy as np
 import bentoml
 from imgformat import refstats
 from service import drift
+
+logger = logging.getLogger(__name__)
 
 FLUSH_IMAGES = 256            # pending images before the request path flushes them itself
 FLUSH_BYTES = 8 * 1024 * 1024  # ... or pending pixel bytes (big inputs): a bound on what is held
@@ -128,8 +131,16 @@ class Monitor:
 
     # -- off the request path ----------------------------------------------------------------------
     def flush(self, now: float | None = None, score: bool = False) -> None:
-        """Pending observations into the series and the window; rescore when due (or ``score``)."""
-        now = time.monotonic() if now is None else now
+        """Pending observations into the series and the window; rescore when due (or ``score``).
+        Runs inside a request (``observe``) or the background task: a failure here is logged and
+        those observations dropped, never a failed request or a dead flush loop."""
+        try:
+            self._flush(time.monotonic() if now is None else now, score)
+        except Exception:
+            logger.exception("monitoring of model %s v%s: flush failed, its pending observations are dropped",
+                             self.name, self.version)
+
+    def _flush(self, now: float, score: bool) -> None:
         if self._sizes:
             self._flush_sizes()
         if self._pending:

@@ -48,3 +48,14 @@ def test_decode_failure_format_is_one_of_a_fixed_set() -> None:
     for data, fmt in cases.items():
         assert monitoring.sniff_format(data) == fmt, data
         assert monitoring.sniff_format(data) in monitoring.FORMATS
+
+
+def test_a_failing_flush_never_fails_the_request(caplog) -> None:
+    ref = {"predicted_class_counts": [1, 1, 1], "confidence_counts": [1] * 20, "brightness_counts": [1] * 16}
+    m = monitoring.Monitor("unit", "1", ["a", "b", "c"], ref, lambda z: z, 100, 60, 1)
+    m.observe(np.zeros((1, 4, 4, 1), np.uint8), np.eye(3)[[0]])
+    m.observe(np.zeros((1, 5, 5, 1), np.uint8), np.eye(3)[[1]])  # pixels that do not stack with the first
+    m.flush()  # logged, dropped
+    assert "flush failed" in caplog.text
+    m.observe(np.zeros((2, 4, 4, 1), np.uint8), np.eye(3)[[2, 2]])
+    assert m.describe()["observed"]["class_mix"] == [0, 0, 2]  # the next observations still count
