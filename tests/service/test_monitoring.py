@@ -176,3 +176,34 @@ def test_offline_report_gives_the_services_scores(server, traffic, ref_bundle, t
     page = (tmp_path / "report" / "report.html").read_text()
     assert "brightness" in page and "data:image/png;base64," in page
     assert (tmp_path / "report" / "report.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_unloaded_version_stops_claiming_a_score(ref_bundle, traffic, tmp_path_factory) -> None:
+    """Through the repository API: after an unload the version's gauges read NaN (its alert resolves)."""
+    tmp = tmp_path_factory.mktemp("svc-monitoring-repo")
+    auth = {"Authorization": "Bearer mon-s3cret"}
+    env = {"IMGSERVE_MODELS": str(ref_bundle), "IMGSERVE_MODEL_CONTROL": "explicit", "IMGSERVE_API_KEY": "mon-s3cret",
+           "IMGSERVE_MODEL_ROOT": str(ref_bundle.parent), "IMGSERVE_DRIFT_MIN_SAMPLES": "50",
+           "IMGSERVE_MAX_LATENCY_MS": "20000"}
+    srv = start_service(env, tmp / "serve.log", tmp / "bentoml_home")
+    try:
+        r = httpx.post(srv.url + "/v2/repository/models/extra/load", json={"parameters": {"bundle": str(ref_bundle)}},
+                       headers=auth, timeout=120)
+        assert r.status_code == 200, r.text
+        files = [("images", (f"{i}.png", b, "image/png")) for i, b in enumerate(traffic["inverted"][:60])]
+        r = httpx.post(srv.url + "/classify_batch", files=files, data={"model": "extra"}, headers=auth, timeout=60)
+        assert r.status_code == 200, r.text
+        assert httpx.get(srv.url + "/models", headers=auth, timeout=30).status_code == 200  # rescores: gauges set
+
+        def extra(name: str) -> list[float]:
+            text = httpx.get(srv.url + "/metrics", headers=auth, timeout=30).text
+            return [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                    if s.name == name and s.labels.get("model") == "extra"]
+
+        assert extra("imgserve_drift_score") and all(v > 0 for v in extra("imgserve_drift_score"))
+        r = httpx.post(srv.url + "/v2/repository/models/extra/unload", json={}, headers=auth, timeout=60)
+        assert r.status_code == 200, r.text
+        assert all(math.isnan(v) for v in extra("imgserve_drift_score")), extra("imgserve_drift_score")
+        assert extra("imgserve_drift_window_samples") == [0]
+    finally:
+        srv.stop()
