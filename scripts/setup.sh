@@ -65,3 +65,13 @@ else
   .venv/bin/pip install -q -c .venv/serving-constraints.txt -e '.[test]'
   echo "$want" > "$stamp"
 fi
+
+# KServe's own gRPC client, unchanged, in a venv of its own (its protobuf and psutil pins clash with
+# the serving stack's): tests/service/test_grpc_kserve_client.py drives the service with it.
+if [ -f .venv-kserve/.imgserve-stamp ] && cmp -s tests/clients/kserve.txt .venv-kserve/.imgserve-stamp; then
+  log "KServe client venv up to date"
+else
+  log "installing KServe's Python client into .venv-kserve"
+  [ -x .venv-kserve/bin/python ] || "$PYTHON" -m venv .venv-kserve
+  .venv-kserve/bin/pip install -q -r tests/clients/kserve.txt && cp tests/clients/kserve.txt .venv-kserve/.imgserve-stamp
+fi
