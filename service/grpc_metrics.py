@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
 
@@ -38,19 +37,12 @@ def _child(metric: Any, **labels: str) -> Any:
     return metric.labels(**labels)
 
 
-@contextmanager
-def observed(method: str, context: Any) -> Iterator[None]:
-    """Count one call of ``method`` by the status it ends with, and time it."""
-    t0 = time.perf_counter()
-    error = None
-    try:
-        yield
-    except BaseException as e:  # context.abort's exception included: it carries the status
-        error = e
-        raise
-    finally:
-        _child(metrics.GRPC_REQUESTS, method=method, code=_code(context, error)).inc()
-        _child(metrics.GRPC_SECONDS, method=method).observe(time.perf_counter() - t0)
+def record(method: str, context: Any, error: BaseException | None, t0: float) -> None:
+    """Count one call of ``method`` by the status it ended with (``error``: what it raised, None when it
+    returned) and time it from ``t0`` (``time.perf_counter()``). A plain call, not a context manager:
+    it runs once per call on the event loop, and a generator-based ``with`` costs a frame more."""
+    _child(metrics.GRPC_REQUESTS, method=method, code=_code(context, error)).inc()
+    _child(metrics.GRPC_SECONDS, method=method).observe(time.perf_counter() - t0)
 
 
 class Unimplemented(grpc.GenericRpcHandler):

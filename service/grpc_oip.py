@@ -14,6 +14,7 @@ metadata stay open; message sizes are capped by IMGSERVE_MAX_BODY_BYTES; a bad m
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable
 
 import grpc
@@ -137,8 +138,11 @@ class InferenceServicer(grpc_repository.RepositoryMethods, pb_grpc.GRPCInference
         await context.abort(err.code, str(err))
 
     def authorized(self, context: Any) -> bool:
+        key = self.svc.settings.api_key
+        if key is None:  # open server: the metadata tuple is not even built
+            return True
         got = dict(context.invocation_metadata() or ()).get("authorization", "")
-        return access.bearer_matches(got.encode(), self.svc.settings.api_key)
+        return access.bearer_matches(got.encode(), key)
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return pb.ServerLiveResponse(live=True)
@@ -204,8 +208,14 @@ def _decoding(servicer: InferenceServicer, name: str, message: Any) -> Callable[
     method = getattr(servicer, name)
 
     async def handle(raw: bytes, context: Any) -> Any:
-        with grpc_metrics.observed(name, context):
+        t0, error = time.perf_counter(), None
+        try:
             return await _checked(raw, context)
+        except BaseException as e:  # context.abort's exception included: it carries the status
+            error = e
+            raise
+        finally:
+            grpc_metrics.record(name, context, error, t0)
 
     async def _checked(raw: bytes, context: Any) -> Any:
         if name not in PUBLIC and not servicer.authorized(context):
