@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -43,10 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conc", default="1,32")
     p.add_argument("--seconds", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--settle", type=float, default=2.0, help="seconds of quiet before each measurement")
+    p.add_argument("--env", action="append", default=[], metavar="K=V",
+                   help="extra server setting, e.g. IMGSERVE_MAX_LATENCY_MS=10000 so c=32 on ResNet-18 is not shed")
     a = p.parse_args(argv)
     concs = [int(c) for c in a.conc.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="explain-bench."))
-    env = {"IMGSERVE_MODELS": ",".join(a.bundle + a.plain), "IMGSERVE_API_KEY": KEY}
+    env = {"IMGSERVE_MODELS": ",".join(a.bundle + a.plain), "IMGSERVE_API_KEY": KEY,
+           **dict(kv.split("=", 1) for kv in a.env)}
     server = launcher.start_service(env, tmp / "serve.log", tmp / "home")
     rows: dict[tuple, list[tuple[float, float, float, float]]] = {}
     try:
@@ -56,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             cases += [("/classify", name, data), ("/classify", pname, data), ("/explain", name, data)]
         for rnd in range(a.rounds):
             for c in concs:
-                for path, model, data in cases:
+                # Odd rounds run the cases backwards, and each waits for the server to drain the
+                # previous one's queue: otherwise the first case of a round always follows the
+                # heaviest one (ResNet-18 /explain at high c) and pays for its backlog.
+                for path, model, data in (cases if rnd % 2 == 0 else cases[::-1]):
+                    time.sleep(a.settle)
                     body, ctype = form(data, model)
                     f = tmp / f"{model}.bin"
                     f.write_bytes(body)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import grpc
 import numpy as np
@@ -36,6 +36,13 @@ _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTI
           403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.FAILED_PRECONDITION,
           413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 SERVICE_NAME = "inference.GRPCInferenceService"
+
+
+def _metadata(context: Any) -> Iterator[tuple[bytes, bytes]]:
+    """The call's metadata as header pairs, read only when a traffic policy's sticky key asks for it
+    (gRPC metadata keys are lower-case, as HTTP/2 header names are)."""
+    for k, v in context.invocation_metadata() or ():
+        yield k.encode("latin-1"), v if isinstance(v, bytes) else v.encode("latin-1")
 
 
 class Abort(Exception):
@@ -170,13 +177,13 @@ class InferenceServicer(grpc_repository.RepositoryMethods, pb_grpc.GRPCInference
         return await self._call(context, answer)
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        return await self._call(context, lambda: self._infer(request))
+        return await self._call(context, lambda: self._infer(request, context))
 
-    async def _infer(self, msg: Any) -> Any:
+    async def _infer(self, msg: Any, context: Any) -> Any:
         svc = self.svc
         # No await between choosing the version and admission, as on REST (the traffic policy's
         # weights apply when the request names no model_version).
-        choice = svc.versions.choose(msg.model_name, msg.model_version or None, ())
+        choice = svc.versions.choose(msg.model_name, msg.model_version or None, _metadata(context))
         model = choice.live
         req = parse(msg, oip._most_values(svc, model))
         tensor, n = oip._one_input(model, req, svc.settings.max_images)

@@ -19,9 +19,9 @@ import httpx
 import numpy as np
 import pytest
 
-from service.launcher import rss_mib, start_service
+from service.launcher import rss_mib
 from service.traffic import bucket
-from svc_factory import digit_uploads, logits_variant, png_bytes
+from svc_factory import digit_uploads, logits_variant, png_bytes, start_grpc_service, triton_bytes_input
 
 KEY = "rollout-s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -74,7 +74,7 @@ def srv(bundle, bundle_v2, policy_file, tmp_path_factory):
     env = {"IMGSERVE_MODELS": f"digits@v1={bundle},digits@v2={bundle_v2}", "IMGSERVE_TRAFFIC": str(policy_file),
            "IMGSERVE_MODEL_CONTROL": "explicit", "IMGSERVE_API_KEY": KEY,
            "IMGSERVE_MODEL_ROOT": str(tmp_path_factory.getbasetemp())}
-    s = start_service(env, tmp / "serve.log", tmp / "bentoml_home")
+    s = start_grpc_service(env, tmp)  # gRPC on too: the same policy applies to both protocols
     yield s
     s.stop()
 
@@ -181,6 +181,22 @@ def test_sticky_users_keep_their_version(http, images):
             for u in users}
     assert all(len(v) == 1 for v in seen.values()), seen
     expected = {u: "v1" if bucket(u) < 50 else "v2" for u in users}  # the buckets laid on sorted versions
+    assert {u: v.pop() for u, v in seen.items()} == expected
+    assert set(expected.values()) == {"v1", "v2"}
+
+
+def test_sticky_users_keep_their_version_over_grpc(http, srv, images):
+    """The sticky key is read from the call's metadata, so a gRPC user lands where REST puts them."""
+    import tritonclient.grpc as tg
+
+    assert _put(http, {"digits": {"weights": {"v1": 50, "v2": 50}, "sticky": "X-User-Id"}}).status_code == 200
+    client = tg.InferenceServerClient(srv.grpc_url)
+    users = [f"user-{i}" for i in range(30)]
+    seen = {u: {client.infer("digits", [triton_bytes_input(images[:1])],
+                             headers={"authorization": AUTH["Authorization"], "x-user-id": u}).get_response().model_version for _ in range(3)}
+            for u in users}
+    assert all(len(v) == 1 for v in seen.values()), seen
+    expected = {u: "v1" if bucket(u) < 50 else "v2" for u in users}
     assert {u: v.pop() for u, v in seen.items()} == expected
     assert set(expected.values()) == {"v1", "v2"}
 
