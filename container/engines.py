@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from imgformat.registry import Registry
+
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 # crun (podman's default runtime) fails on hosts with hybrid/v1 cgroups ("cgroups in hybrid mode not
 # supported", then setrlimit): runc with the cgroupfs manager works there. Hosts without systemd
@@ -47,20 +49,9 @@ class Engine:
         return int(self.run("image", "inspect", "--format", "{{.Size}}", image).stdout.strip())
 
 
-_ENGINES: dict[str, Callable[[Path], Engine]] = {}
-
-
-def register_engine(name: str):
-    def wrap(fn):
-        if name in _ENGINES:
-            raise KeyError(f"engine {name!r} is already registered")
-        _ENGINES[name] = fn
-        return fn
-    return wrap
-
-
-def list_engines() -> list[str]:
-    return list(_ENGINES)
+_ENGINES: Registry[Callable[[Path], Engine]] = Registry("engine", keep_order=True)
+register_engine = _ENGINES.register
+list_engines = _ENGINES.names
 
 
 def _needs_compat_conf() -> bool:
@@ -99,7 +90,4 @@ def get_engine(name: str, workdir: Path) -> Engine:
             name = "podman"
         else:
             raise SystemExit("no container engine: install podman (apt-get install podman runc) or docker")
-    try:
-        return _ENGINES[name](workdir)
-    except KeyError:
-        raise SystemExit(f"unknown engine {name!r}; valid: auto, {', '.join(list_engines())}") from None
+    return _ENGINES.get(name, SystemExit, also=("auto",))(workdir)

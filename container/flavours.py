@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from imgformat.registry import Registry
+
 
 @dataclass(frozen=True)
 class Flavour:
@@ -22,25 +24,16 @@ class Flavour:
     local_base: bool = False  # can be built on a local Debian base (no registry needed)
 
 
-_FLAVOURS: dict[str, Flavour] = {}
+_FLAVOURS: Registry[Flavour] = Registry("flavour", keep_order=True)
+list_flavours = _FLAVOURS.names
 
 
 def register_flavour(f: Flavour) -> Flavour:
-    if f.name in _FLAVOURS:
-        raise KeyError(f"flavour {f.name!r} is already registered")
-    _FLAVOURS[f.name] = f
-    return f
-
-
-def list_flavours() -> list[str]:
-    return list(_FLAVOURS)
+    return _FLAVOURS.add(f.name, f)
 
 
 def get_flavour(name: str) -> Flavour:
-    try:
-        return _FLAVOURS[name]
-    except KeyError:
-        raise SystemExit(f"unknown flavour {name!r}; valid: {', '.join(list_flavours())}") from None
+    return _FLAVOURS.get(name, SystemExit)
 
 
 register_flavour(Flavour("cpu", "plain onnxruntime on python:3.11-slim (or the local Debian base)", local_base=True))

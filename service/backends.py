@@ -15,6 +15,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from imgformat.registry import Registry
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,28 +32,13 @@ class Backend(Protocol):
         """``run`` that hands its working memory back afterwards (warm-up must not pin memory)."""
 
 
-_BACKENDS: dict[str, Callable[..., Backend]] = {}
-
-
-def register_backend(name: str):
-    def wrap(cls):
-        if name in _BACKENDS:
-            raise KeyError(f"backend {name!r} is already registered")
-        _BACKENDS[name] = cls
-        return cls
-    return wrap
-
-
-def list_backends() -> list[str]:
-    return sorted(_BACKENDS)
+_BACKENDS: Registry[Callable[..., Backend]] = Registry("backend")
+register_backend = _BACKENDS.register
+list_backends = _BACKENDS.names
 
 
 def create_backend(name: str, path: Path, *, threads: int, device: str = "auto") -> Backend:
-    try:
-        cls = _BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(list_backends())}") from None
-    return cls(path, threads=threads, device=device)
+    return _BACKENDS.get(name, ValueError)(path, threads=threads, device=device)
 
 
 @functools.lru_cache(maxsize=1)

@@ -28,6 +28,7 @@ from typing import Awaitable, Callable, Iterator, Sequence
 
 import numpy as np
 
+from imgformat.registry import Registry
 from service import metrics
 from service.errors import Refused
 
@@ -60,27 +61,13 @@ class Overloaded(Exception):
         self.retry_after = retry_after
 
 
-_BATCHERS: dict[str, type] = {}
-
-
-def register_batcher(name: str):
-    def wrap(cls):
-        if name in _BATCHERS:
-            raise KeyError(f"batcher {name!r} is already registered")
-        _BATCHERS[name] = cls
-        return cls
-    return wrap
-
-
-def list_batchers() -> list[str]:
-    return sorted(_BATCHERS)
+_BATCHERS: Registry[type] = Registry("batcher")
+register_batcher = _BATCHERS.register
+list_batchers = _BATCHERS.names
 
 
 def create_batcher(name: str, **kw) -> "EagerBatcher":
-    try:
-        return _BATCHERS[name](**kw)
-    except KeyError:
-        raise ValueError(f"unknown batcher {name!r}; valid: {', '.join(list_batchers())}") from None
+    return _BATCHERS.get(name, ValueError)(**kw)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from imgformat.preprocess import to_color_mode
+from imgformat.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -158,30 +159,22 @@ class DatasetSpec:
     description: str
 
 
-_DATASETS: dict[str, DatasetSpec] = {}
+_DATASETS: Registry[DatasetSpec] = Registry("dataset")
+list_datasets = _DATASETS.names
 
 
 def register_dataset(name: str, *, description: str):
     """Decorator: register ``loader(data_dir, download, seed) -> DataSplits`` under ``name``."""
 
     def wrap(loader: Loader) -> Loader:
-        if name in _DATASETS:
-            raise KeyError(f"dataset {name!r} is already registered")
-        _DATASETS[name] = DatasetSpec(name, loader, description)
+        _DATASETS.add(name, DatasetSpec(name, loader, description))
         return loader
 
     return wrap
 
 
-def list_datasets() -> list[str]:
-    return sorted(_DATASETS)
-
-
 def get_dataset_spec(name: str) -> DatasetSpec:
-    try:
-        return _DATASETS[name]
-    except KeyError:
-        raise UnknownDatasetError(f"unknown dataset {name!r}; valid datasets: {', '.join(list_datasets())}") from None
+    return _DATASETS.get(name, UnknownDatasetError)
 
 
 def get_dataset(name: str, *, data_dir: str | os.PathLike | None = None, download: bool = False,

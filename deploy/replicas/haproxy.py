@@ -56,18 +56,20 @@ defaults
 frontend imgserve
     bind {bind}
     default_backend {backend}
+{backend_section}
+{grpc}"""
 
+# One backend section for HTTP and gRPC alike. The replica with the fewest requests in flight gets
+# the next one (a dynamic algorithm: slots can be re-pointed at runtime). Active checks every
+# {inter_ms} ms on the replica's HTTP /readyz; a connection error seen on live traffic marks the
+# replica down at once (observe layer4) instead of waiting for {fall} failed checks.
+BACKEND_SECTION = """
 backend {backend}
-    # The replica with the fewest requests in flight gets the next one (a dynamic algorithm: slots
-    # can be re-pointed at runtime).
     balance leastconn
     option httpchk GET /readyz
     http-check expect status 200
-    # Active checks every {inter_ms} ms; a connection error seen on live traffic marks the replica down at
-    # once (observe layer4) instead of waiting for {fall} failed checks.
     default-server check inter {inter_ms} fastinter {fast_ms} downinter {inter_ms} rise {rise} fall {fall} observe layer4 error-limit 1 on-error mark-down
-{servers}
-{grpc}"""
+{servers}"""
 
 # gRPC (OIP over HTTP/2 cleartext, "h2c") end to end: the frontend speaks HTTP/2 with prior
 # knowledge (what gRPC clients send), each server line too. HTTP mode, so HAProxy balances each call,
@@ -77,13 +79,7 @@ GRPC_CONFIG = """
 frontend imgserve_grpc
     bind {grpc_bind} proto h2
     default_backend {backend}
-
-backend {backend}
-    balance leastconn
-    option httpchk GET /readyz
-    http-check expect status 200
-    default-server check inter {inter_ms} fastinter {fast_ms} downinter {inter_ms} rise {rise} fall {fall} observe layer4 error-limit 1 on-error mark-down
-{servers}
+{backend_section}
 """
 
 
@@ -111,8 +107,14 @@ def render(settings: Settings, socket_path: Path, slots: list[str | None], grpc_
         # check-proto on each server line: HAProxy 2.6 takes it from no default-server line.
         lines = [f"    server r{i} 127.0.0.1:{g} proto h2 port {addr.rsplit(':', 1)[1]} check-proto h1" if addr
                  else f"    server r{i} {SPARE} proto h2 check-proto h1 disabled" for i, (addr, g) in enumerate(zip(slots, ports))]
-        grpc = GRPC_CONFIG.format(backend=GRPC_BACKEND, servers="\n".join(lines), **vars(settings))
-    return CONFIG.format(socket=socket_path, servers=servers, backend=BACKEND, grpc=grpc, **vars(settings))
+        grpc = GRPC_CONFIG.format(backend=GRPC_BACKEND, backend_section=_backend(GRPC_BACKEND, "\n".join(lines), settings),
+                                  **vars(settings))
+    return CONFIG.format(socket=socket_path, backend=BACKEND, grpc=grpc, backend_section=_backend(BACKEND, servers, settings),
+                         **vars(settings))
+
+
+def _backend(name: str, servers: str, settings: "Settings") -> str:
+    return BACKEND_SECTION.format(backend=name, servers=servers, **vars(settings))
 
 
 class HAProxyError(RuntimeError):

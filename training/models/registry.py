@@ -12,6 +12,8 @@ from typing import Callable, Sequence
 
 import torch.nn as nn
 
+from imgformat.registry import Registry
+
 
 class UnknownModelError(ValueError):
     """Raised for a model name that is not registered; the message lists the valid ones."""
@@ -26,30 +28,22 @@ class ModelSpec:
     min_input_size: int = 8
 
 
-_MODELS: dict[str, ModelSpec] = {}
+_MODELS: Registry[ModelSpec] = Registry("model")
+list_models = _MODELS.names
 
 
 def register_model(name: str, *, classifier: str, description: str, min_input_size: int = 8):
     """Decorator: register ``builder`` under ``name``. Duplicate names are a programming error."""
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _MODELS:
-            raise KeyError(f"model {name!r} is already registered")
-        _MODELS[name] = ModelSpec(name, builder, classifier, description, min_input_size)
+        _MODELS.add(name, ModelSpec(name, builder, classifier, description, min_input_size))
         return builder
 
     return wrap
 
 
-def list_models() -> list[str]:
-    return sorted(_MODELS)
-
-
 def get_model_spec(name: str) -> ModelSpec:
-    try:
-        return _MODELS[name]
-    except KeyError:
-        raise UnknownModelError(f"unknown model {name!r}; valid models: {', '.join(list_models())}") from None
+    return _MODELS.get(name, UnknownModelError)
 
 
 def build_model(
