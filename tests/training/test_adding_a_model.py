@@ -24,7 +24,7 @@ def doc_example() -> str:
 @pytest.fixture
 def registered(monkeypatch) -> str:
     """Run the page's code with a private copy of the registry, so other tests never see the model."""
-    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    monkeypatch.setattr(registry._MODELS, "_entries", dict(registry._MODELS._entries))
     before = set(registry.list_models())
     exec(compile(doc_example(), str(DOC), "exec"), {"__name__": "doc_example"})
     added = set(registry.list_models()) - before
