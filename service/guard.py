@@ -3,7 +3,7 @@ It learns the served models from a callable, so it never imports service.service
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from service import access, metrics, traffic
 from service.answer import overloaded, refused
@@ -23,7 +23,7 @@ class GuardMiddleware:
     """
 
     def __init__(self, app: Any, max_body_bytes: int, api_key: str | None,
-                 models: Optional[Callable[[], Mapping[str, Any]]] = None) -> None:
+                 models: Optional[Callable[[], Iterable[Any]]] = None) -> None:
         self.app = app
         self.models = models  # the served models (raises before they exist); None: no early shedding
         self.max_body = max_body_bytes
@@ -84,14 +84,14 @@ def _inference(path: str) -> bool:
     return path.startswith("/classify") or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
 
-def _shed_early(served: Callable[[], Mapping[str, Any]]) -> Overloaded | None:
+def _shed_early(served: Callable[[], Iterable[Any]]) -> Overloaded | None:
     """The refusal when every served model would refuse one more image now, else None."""
     try:
         models = served()
     except Exception:  # not started yet (or shutting down): let the request through
         return None
     refusal = None
-    for m in models.values():
+    for m in models:
         try:
             m.batcher.check(1)
         except Overloaded as e:

@@ -125,7 +125,7 @@ class ImgServe:
     @bentoml.on_startup
     async def watch_drift(self) -> None:
         """Flush live statistics and rescore drift in the background (service/monitoring.py)."""
-        self._monitoring = monitoring.start(lambda: self.versions.every().values())
+        self._monitoring = monitoring.start(self.versions.every)
 
     @bentoml.on_shutdown
     async def stop_grpc(self) -> None:
@@ -139,7 +139,7 @@ class ImgServe:
     def describe_models(self) -> dict[str, Any]:
         return {"default": self.default, "api_key_required": self.settings.api_key is not None,
                 "models": [{**m.describe(self.settings.precision), "default_version": self.models[m.name] is m}
-                           for m in self.versions.every().values()],
+                           for m in self.versions.every()],
                 **rollout.describe(self)}
 
     def _choose(self, name: Optional[str], version: Optional[str]) -> rollout.Choice:

@@ -56,9 +56,9 @@ class Versions:
         """Model name -> its version labels (what a policy is checked against)."""
         return {name: set(versions) for name, versions in self.by_name.items()}
 
-    def every(self) -> dict[str, ServedModel]:
-        """Every loaded model, keyed NAME@VERSION (the guard's early shedding looks at all of them)."""
-        return {f"{n}@{v}": m for n, versions in self.by_name.items() for v, m in versions.items()}
+    def every(self) -> list[ServedModel]:
+        """Every loaded model, all versions (the guard's early shedding looks at all of them)."""
+        return [m for versions in self.by_name.values() for m in versions.values()]
 
     def is_served(self, m: ServedModel) -> bool:
         return self.by_name.get(m.name, {}).get(m.version) is m
