@@ -41,7 +41,13 @@ def record(method: str, context: Any, error: BaseException | None, t0: float) ->
     """Count one call of ``method`` by the status it ended with (``error``: what it raised, None when it
     returned) and time it from ``t0`` (``time.perf_counter()``). A plain call, not a context manager:
     it runs once per call on the event loop, and a generator-based ``with`` costs a frame more."""
-    _child(metrics.GRPC_REQUESTS, method=method, code=_code(context, error)).inc()
+    count(method, _code(context, error), t0)
+
+
+def count(method: str, code: str, t0: float) -> None:
+    """Count one call (or one message of a stream) of ``method`` that ended with status ``code`` (a
+    ``grpc.StatusCode`` name), timed from ``t0``."""
+    _child(metrics.GRPC_REQUESTS, method=method, code=code).inc()
     _child(metrics.GRPC_SECONDS, method=method).observe(time.perf_counter() - t0)
 
 

@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from service import access, grpc_metrics, grpc_repository, metrics, oip
+from service import access, grpc_metrics, grpc_repository, grpc_stream, metrics, oip
 from service.batching import Overloaded
 from service.errors import Refused
 from service.oip_grpc_gen import grpc_service_pb2 as pb
@@ -64,6 +64,18 @@ def _overloaded(e: Overloaded) -> Abort:
     # itself (gRFC A6). Triton sends neither; a client that ignores both still gets RESOURCE_EXHAUSTED.
     return Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e} (retry after {e.retry_after} s)",
                  (("retry-after", str(e.retry_after)), ("grpc-retry-pushback-ms", str(e.retry_after * 1000))))
+
+
+# Exception -> its gRPC answer; anything else is a bug, answered by grpc as UNKNOWN (INTERNAL in a stream).
+_ANSWERS: dict[type, Callable[[Any], Abort]] = {Refused: _refused, Overloaded: _overloaded, Abort: lambda e: e}
+
+
+def abort_of(e: BaseException) -> Abort | None:
+    """The gRPC error answer to a refusal (Refused, Overloaded, Abort); None for anything else."""
+    for kind, answer in _ANSWERS.items():
+        if isinstance(e, kind):
+            return answer(e)
+    return None
 
 
 # -- request messages -> service.oip_tensors types ----------------------------------------------
@@ -134,12 +146,8 @@ class InferenceServicer(grpc_repository.RepositoryMethods, pb_grpc.GRPCInference
         try:
             result = fn()
             return await result if hasattr(result, "__await__") else result
-        except Refused as e:
-            err = _refused(e)
-        except Overloaded as e:
-            err = _overloaded(e)
-        except Abort as e:
-            err = e
+        except (Refused, Overloaded, Abort) as e:
+            err = abort_of(e)
         if err.trailers:
             context.set_trailing_metadata(err.trailers)
         await context.abort(err.code, str(err))
@@ -196,10 +204,11 @@ class InferenceServicer(grpc_repository.RepositoryMethods, pb_grpc.GRPCInference
         return _response(model, msg.id, [oip._output(model, o, logits) for o in outputs])
 
 
-# The methods served, each with its request message. They are registered with a bytes-in handler
-# (``_decoding``) instead of the generated registration: a message that does not decode answers
-# INVALID_ARGUMENT here, where grpc's own deserializer would answer UNKNOWN. Triton's other methods
-# (statistics, shared memory, trace, log settings, streaming) answer UNIMPLEMENTED.
+# The unary methods served, each with its request message. They are registered with a bytes-in
+# handler (``_decoding``) instead of the generated registration: a message that does not decode
+# answers INVALID_ARGUMENT here, where grpc's own deserializer would answer UNKNOWN. The stream
+# ``ModelStreamInfer`` is service.grpc_stream's. Triton's other methods (statistics, shared memory,
+# trace, log settings) answer UNIMPLEMENTED.
 METHODS = {"ServerLive": pb.ServerLiveRequest, "ServerReady": pb.ServerReadyRequest,
            "ServerMetadata": pb.ServerMetadataRequest, "ModelReady": pb.ModelReadyRequest,
            "ModelMetadata": pb.ModelMetadataRequest, "ModelInfer": pb.ModelInferRequest,
@@ -239,10 +248,11 @@ def _decoding(servicer: InferenceServicer, name: str, message: Any) -> Callable[
 
 
 def handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, {
-        name: grpc.unary_unary_rpc_method_handler(_decoding(servicer, name, message),
-                                                  response_serializer=lambda m: m.SerializeToString())
-        for name, message in METHODS.items()})
+    unary = {name: grpc.unary_unary_rpc_method_handler(_decoding(servicer, name, message),
+                                                       response_serializer=lambda m: m.SerializeToString())
+             for name, message in METHODS.items()}
+    stream = grpc_stream.handler(servicer.authorized, servicer._infer, abort_of)
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {**unary, grpc_stream.METHOD: stream})
 
 
 def options(max_bytes: int) -> list[tuple[str, int]]:

@@ -1,7 +1,9 @@
 """Hypothesis against the gRPC side of the Open Inference Protocol (service/grpc_oip.py), in-process:
 any ModelInferRequest (structured, or any bytes that decode as one) either parses or is refused with a
 4xx ``Refused`` (INVALID_ARGUMENT on the wire): never another exception, never a slow parse. The wire
-test with a real server is tests/service/test_grpc.py::test_fuzz_model_infer_bytes."""
+test with a real server is tests/service/test_grpc.py::test_fuzz_model_infer_bytes. Each message of a
+``ModelStreamInfer`` stream goes through the same ``FromString`` and ``parse`` (service/grpc_stream.py);
+its wire test is tests/service/test_grpc_stream.py::test_fuzz_one_message_of_a_stream."""
 from __future__ import annotations
 
 import time
