@@ -7,6 +7,11 @@ for a fixed time. h2load sees HTTP statuses only, and a gRPC error is an HTTP 20
 (``imgserve_grpc_requests_total`` by status code, service/grpc_metrics.py) around the run; the
 latencies and the call count come from h2load's per-request log. Results are ``loadtests.bench.WrkResult`` rows, as
 wrk's, so REST and gRPC points print in one table.
+
+Streaming (``stream_messages=N``): each h2load request is one ``ModelStreamInfer`` stream whose body is
+N framed copies of the message, sent at once, so N messages are in flight per client (the server
+answers up to 32 of a stream at once, service/grpc_stream.py). Throughput counts messages; p50/p99
+are those of whole streams (the time to the last of its N answers), an upper bound of a message's.
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ from loadtests.bench import SETTLE_S, WrkResult, scrape
 from service import launcher
 
 log = logging.getLogger(__name__)
-METHOD = "ModelInfer"
+METHOD, STREAM_METHOD = "ModelInfer", "ModelStreamInfer"
 PATH = f"/inference.GRPCInferenceService/{METHOD}"
+STREAM_PATH = f"/inference.GRPCInferenceService/{STREAM_METHOD}"
 
 
 def frame(message: bytes) -> bytes:
@@ -44,10 +50,10 @@ def _percentile_ms(us: list[int], q: float) -> float | None:
 
 
 def run_h2load(grpc_url: str, body: Path, concurrency: int, duration_s: int, headers: dict[str, str],
-               log_file: Path) -> str:
+               log_file: Path, path: str = PATH) -> str:
     cmd = ["h2load", "-t1", f"-c{concurrency}", "-m1", f"-D{duration_s}", "--warm-up-time=1", "-d", str(body),
            "-H", "content-type: application/grpc", "-H", "te: trailers", f"--log-file={log_file}",
-           *[a for k, v in headers.items() for a in ("-H", f"{k}: {v}")], f"http://{grpc_url}{PATH}"]
+           *[a for k, v in headers.items() for a in ("-H", f"{k}: {v}")], f"http://{grpc_url}{path}"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60)
     if p.returncode != 0:
         raise RuntimeError(f"h2load failed ({p.returncode}): {(p.stderr or p.stdout).strip()[-300:]}")
@@ -55,31 +61,34 @@ def run_h2load(grpc_url: str, body: Path, concurrency: int, duration_s: int, hea
 
 
 def measure(server: launcher.Server, grpc_url: str, message: bytes, concs: list[int], duration_s: int,
-            headers: dict[str, str] | None = None) -> list[WrkResult]:
-    """h2load at each concurrency; the server's CPU and its gRPC call counter read around each run."""
+            headers: dict[str, str] | None = None, stream_messages: int = 0) -> list[WrkResult]:
+    """h2load at each concurrency; the server's CPU and its gRPC call counter read around each run.
+    ``stream_messages`` > 0: ModelStreamInfer streams of that many messages instead of unary calls."""
+    method, path = (STREAM_METHOD, STREAM_PATH) if stream_messages else (METHOD, PATH)
+    per_call = stream_messages or 1
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         body = Path(tmp) / "call.grpc"
-        body.write_bytes(frame(message))
+        body.write_bytes(frame(message) * per_call)
         for c in concs:
             time.sleep(SETTLE_S)
-            before, cpu0 = calls(scrape(server.url)), launcher.cpu_seconds(server.pids())
-            out = run_h2load(grpc_url, body, c, duration_s, headers or {}, Path(tmp) / "log.tsv")
+            before, cpu0 = calls(scrape(server.url), method), launcher.cpu_seconds(server.pids())
+            out = run_h2load(grpc_url, body, c, duration_s, headers or {}, Path(tmp) / "log.tsv", path)
             cpu1 = launcher.cpu_seconds(server.pids())
             time.sleep(0.5)  # the calls h2load cut off at the end are answered and counted
-            after = calls(scrape(server.url))
+            after = calls(scrape(server.url), method)
             # log: start (us), HTTP status, duration (us) of each call in the measured time (not the
             # warm-up's); the server's counter tells which of them failed (warm-up failures count too).
             us = sorted(int(line.split("\t")[2]) for line in (Path(tmp) / "log.tsv").read_text().splitlines() if line)
             # CANCELLED: the calls in flight when h2load stops (at most one per connection), not failures.
             failed = {code: int(after[code] - before.get(code, 0)) for code in after if code not in ("OK", "CANCELLED")}
             failed = {code: n for code, n in failed.items() if n}
-            statuses = {"200": max(len(us) - sum(failed.values()), 0), **failed}
+            statuses = {"200": max(len(us) * per_call - sum(failed.values()), 0), **failed}
             m = re.search(r"(\d+) errored, (\d+) timeout", out)
             sock = int(m.group(1)) + int(m.group(2)) if m else 0
             r = WrkResult(c, float(duration_s), sum(statuses.values()), statuses, _percentile_ms(us, 50),
                           _percentile_ms(us, 99), sock, cpu_s=cpu1 - cpu0)
-            log.info("gRPC %s c=%-3d %7.1f ok calls/s  p50 %7.1f ms  p99 %7.1f ms  errors %d", METHOD, c, r.ok_rps,
+            log.info("gRPC %s c=%-3d %7.1f ok calls/s  p50 %7.1f ms  p99 %7.1f ms  errors %d", method, c, r.ok_rps,
                      r.p50_ms or 0, r.p99_ms or 0, r.errors)
             results.append(r)
     return results

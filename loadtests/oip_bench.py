@@ -13,6 +13,9 @@ each way of asking the same question, "the top 5 classes of this image" (fewer i
   grpc-uint8  OIP over gRPC (IMGSERVE_GRPC_PORT): ModelInfer with the pixels in raw_input_contents,
               driven by h2load (loadtests.grpc_load), the same question and answer as oip-uint8
   grpc-bytes  the same with the file as BYTES [1] in raw_input_contents
+  grpc-stream grpc-uint8's message over Triton's ModelStreamInfer: each client sends streams of
+              --stream-messages messages at once (several in flight per client; messages/s, and
+              p50/p99 of whole streams)
 Before measuring, one request of each kind must answer 200 with /classify's top class. ``--rounds N``
 first sends the kinds in turn, sequentially, N times (latency with the load drift shared); ``--repeat R``
 measures every point R times and prints medians (a shared machine drifts by 10-20 % between points). Prints
@@ -42,6 +45,9 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 TOP_K = 5
 GRPC = "gRPC"  # the "path" of the gRPC kinds: measured with h2load on the gRPC port, not wrk
+GRPC_STREAM = "gRPC-stream"  # ... of the streaming kind
+GRPC_PATHS = (GRPC, GRPC_STREAM)
+STREAM_MESSAGES = 8
 
 
 def _oip(head: dict, tensor: bytes | None) -> tuple[bytes, dict[str, str]]:
@@ -91,18 +97,26 @@ def _grpc_bodies(name: str, inp: str, k: int, pixels: np.ndarray, files: bytes) 
         return pb.ModelInferRequest(model_name=name, inputs=[pb.ModelInferRequest.InferInputTensor(
             name=inp, datatype=datatype, shape=shape)], raw_input_contents=[raw], outputs=[out]).SerializeToString()
 
-    return {"grpc-uint8": (GRPC, call("UINT8", list(pixels.shape), pixels.tobytes()), {}),
-            "grpc-bytes": (GRPC, call("BYTES", [1], files), {})}
+    uint8 = call("UINT8", list(pixels.shape), pixels.tobytes())
+    return {"grpc-uint8": (GRPC, uint8, {}), "grpc-bytes": (GRPC, call("BYTES", [1], files), {}),
+            "grpc-stream": (GRPC_STREAM, uint8, {})}
 
 
-def _grpc_top1(grpc_url: str, message: bytes) -> str:
+def _grpc_top1(grpc_url: str, message: bytes, stream: bool = False) -> str:
     import grpc
 
-    with grpc.insecure_channel(grpc_url) as ch:
-        answer = ch.unary_unary(grpc_load.PATH)(message, timeout=60)
     from service.oip_grpc_gen import grpc_service_pb2 as pb
 
-    raw = pb.ModelInferResponse.FromString(answer).raw_output_contents[0]
+    with grpc.insecure_channel(grpc_url) as ch:
+        if stream:
+            (answer,) = ch.stream_stream(grpc_load.STREAM_PATH)(iter([message]), timeout=60)
+            reply = pb.ModelStreamInferResponse.FromString(answer)
+            if reply.error_message:
+                raise RuntimeError(f"grpc-stream: {reply.error_message}")
+            response = reply.infer_response
+        else:
+            response = pb.ModelInferResponse.FromString(ch.unary_unary(grpc_load.PATH)(message, timeout=60))
+    raw = response.raw_output_contents[0]
     return raw[4:4 + int.from_bytes(raw[:4], "little")].decode().split(":", 2)[2]
 
 
@@ -124,8 +138,8 @@ def check(url: str, cases: dict[str, tuple[str, bytes, dict[str, str]]], grpc_ur
     """Every kind answers 200 (gRPC: OK) with the same top class as /classify."""
     labels = {}
     for kind, (path, body, env) in cases.items():
-        if path == GRPC:
-            labels[kind] = _grpc_top1(grpc_url, body)
+        if path in GRPC_PATHS:
+            labels[kind] = _grpc_top1(grpc_url, body, stream=path == GRPC_STREAM)
             continue
         headers = {"Content-Type": env["CONTENT_TYPE"]}
         if "HEADER_LENGTH" in env:
@@ -167,11 +181,12 @@ def interleaved(url: str, cases: dict[str, tuple[str, bytes, dict[str, str]]], r
 
 
 def run_case(bundle: Path, image_spec: str, kinds: list[str], concs: list[int], duration_s: int, out: Path,
-             env: dict[str, str], rounds: int = 0, repeat: int = 1) -> list[dict]:
+             env: dict[str, str], rounds: int = 0, repeat: int = 1, stream_messages: int = STREAM_MESSAGES,
+             max_in_flight: int = 0) -> list[dict]:
     image, filename = _image_bytes(image_spec, bundle)
     cases = {k: v for k, v in bodies(bundle, image, filename).items() if k in kinds}
     grpc_url = None
-    if any(path == GRPC for path, _, _ in cases.values()):
+    if any(path in GRPC_PATHS for path, _, _ in cases.values()):
         port = launcher.free_port()
         env, grpc_url = {**env, "IMGSERVE_GRPC_PORT": str(port)}, f"127.0.0.1:{port}"
     server = launcher.service_server([str(bundle)], launcher.free_port(), out / f"serve-{bundle.name}.log", env)
@@ -180,7 +195,7 @@ def run_case(bundle: Path, image_spec: str, kinds: list[str], concs: list[int], 
         server.wait_ready()
         check(server.url, cases, grpc_url)
         if rounds:
-            http_cases = {k: v for k, v in cases.items() if v[0] != GRPC}
+            http_cases = {k: v for k, v in cases.items() if v[0] not in GRPC_PATHS}
             for kind, v in interleaved(server.url, http_cases, rounds).items():
                 log.info("interleaved %-10s p50 %7.2f ms  mean %7.2f ms", kind, v["p50_ms"], v["mean_ms"])
                 rows.append({"bundle": bundle.name, "kind": kind, "interleaved_rounds": rounds, **v})
@@ -192,12 +207,17 @@ def run_case(bundle: Path, image_spec: str, kinds: list[str], concs: list[int], 
         # compared with each other should be measured as close in time as possible.
         for c in [c for _ in range(repeat) for c in concs]:
             for kind, (path, body, wrk_env) in cases.items():
-                if path == GRPC:
-                    (r,) = grpc_load.measure(server, grpc_url, body, [c], duration_s)
+                in_flight = c * (stream_messages if path == GRPC_STREAM else 1)
+                if max_in_flight and in_flight > max_in_flight:
+                    continue
+                if path in GRPC_PATHS:
+                    (r,) = grpc_load.measure(server, grpc_url, body, [c], duration_s,
+                                             stream_messages=stream_messages if path == GRPC_STREAM else 0)
                 else:
                     (r,) = measure_server(server, path, {**wrk_env, "BODY_FILE": str(files[kind])}, [c], duration_s)
                 rows.append({"bundle": bundle.name, "image": image_spec, "image_bytes": len(image), "kind": kind,
-                             "body_bytes": len(body), "concurrency": r.concurrency, "ok_rps": round(r.ok_rps, 1),
+                             "body_bytes": len(body), "concurrency": r.concurrency, "in_flight": in_flight,
+                             "ok_rps": round(r.ok_rps, 1),
                              "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors, "error_detail": r.error_detail,
                              "cpu_ms_per_req": round(r.cpu_ms_per_req or 0, 2)})
     return rows
@@ -220,10 +240,11 @@ def medians(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'bundle':<10} {'kind':<10} {'body B':>8} {'conc':>4} {'ok req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-             f"{'errors':>6} {'CPU ms/req':>10}  non-2xx"]
+    lines = [f"{'bundle':<10} {'kind':<11} {'body B':>8} {'conc':>4} {'flight':>6} {'ok req/s':>9} {'p50 ms':>8} "
+             f"{'p99 ms':>8} {'errors':>6} {'CPU ms/req':>10}  non-2xx"]
     rows = [r for r in rows if "concurrency" in r]
-    lines += [f"{r['bundle']:<10} {r['kind']:<10} {r['body_bytes']:>8} {r['concurrency']:>4} {r['ok_rps']:>9.1f} "
+    lines += [f"{r['bundle']:<10} {r['kind']:<11} {r['body_bytes']:>8} {r['concurrency']:>4} {r['in_flight']:>6} "
+              f"{r['ok_rps']:>9.1f} "
               f"{r['p50_ms'] or 0:>8.1f} {r['p99_ms'] or 0:>8.1f} {r['errors']:>6} {r['cpu_ms_per_req']:>10.2f}  {r['error_detail']}"
               for r in rows]
     return "\n".join(lines)
@@ -234,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--case", action="append", required=True, metavar="BUNDLE:IMAGE",
                     help="a bundle directory and the image to send (fashion, digit, china, flower or a file)")
     ap.add_argument("--kinds", default="multipart,oip-bytes,oip-uint8,oip-json",
-                    help="comma list of request kinds (also grpc-uint8, grpc-bytes)")
+                    help="comma list of request kinds (also grpc-uint8, grpc-bytes, grpc-stream)")
+    ap.add_argument("--stream-messages", type=int, default=STREAM_MESSAGES,
+                    help="grpc-stream: messages per stream, all sent at once (in flight together)")
+    ap.add_argument("--max-in-flight", type=int, default=0,
+                    help="skip the points with more requests in flight (clients x messages per stream) than this")
     ap.add_argument("--concurrency", default="1,8,32", help="comma list of wrk connections")
     ap.add_argument("--duration", type=int, default=10, help="seconds per point")
     ap.add_argument("--rounds", type=int, default=0,
@@ -252,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in a.case:
         bundle, _, image = case.partition(":")
         rows += run_case(Path(bundle), image or "auto", a.kinds.split(","), concs, a.duration, a.out, env, a.rounds,
-                         a.repeat)
+                         a.repeat, a.stream_messages, a.max_in_flight)
     (a.out / "oip_bench.json").write_text(json.dumps(rows, indent=2))
     print(table(medians(rows)) if a.repeat > 1 else table(rows))
     return 0

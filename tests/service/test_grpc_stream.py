@@ -204,3 +204,14 @@ def test_a_client_that_does_not_read_holds_at_most_in_flight_messages():
         assert all(t.done() for t in asyncio.all_tasks() if t is not asyncio.current_task())
 
     asyncio.run(main())
+
+
+def test_load_harness_streams(srv):
+    """loadtests.grpc_load's streaming mode (h2load, one stream of N messages per request): no errors,
+    and every message it counts as answered the server counted OK too."""
+    from loadtests import grpc_load
+
+    before = _grpc_calls(srv)
+    (r,) = grpc_load.measure(srv, srv.grpc_url, _message(3), [2], 2, headers=AUTH, stream_messages=4)
+    assert r.errors == 0 and r.ok >= 4, r
+    assert _grpc_calls(srv).get("OK", 0) - before.get("OK", 0) >= r.ok
