@@ -1,7 +1,7 @@
 # The two commands of the README (make serve, make test), and make bench. All are idempotent and
 # install what they need. `make serve DATA=path/to/folder MODEL=resnet18` trains on a folder of
 # labelled images (one subfolder per class); scripts/serve.sh lists every variable.
-.PHONY: serve test setup demo bench image replicas replicas-down
+.PHONY: serve test setup demo bench image replicas replicas-down vegeta
 
 setup:
 	./scripts/setup.sh
@@ -34,3 +34,7 @@ replicas: image
 
 replicas-down:
 	.venv/bin/python -m deploy.replicas down
+
+# vegeta into build/bin/ for `loadtests.openloop --engine vegeta` (docs/loadtests.md); needs the Go module proxy.
+vegeta:
+	./scripts/get_vegeta.sh

@@ -17,7 +17,11 @@ step, every later 0.5 s bucket of arrivals is answered 2xx with p99 within 1.5x 
 
 Per step: goodput (2xx answered within ``--slo-ms`` of their due time, per second), the error mix
 (503, other statuses, timeouts, connection errors), p50/p99/p99.9 of the 2xx answers.
-The raw-socket client is loadtests.soak's (fresh connection per request, little client CPU).
+Two engines send the arrivals (``--engine``), and the same code turns their per-request results
+into rows: ``python`` (the reference: loadtests.soak's raw-socket client on one asyncio loop, a
+fresh connection per request) and ``vegeta`` (loadtests.openloop_vegeta: the Go load generator,
+for rates one Python process cannot issue on time). Each row says the rate the generator achieved
+next to the one offered, so a generator that could not keep up is visible.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from imgformat.registry import Registry
 from loadtests.soak import Result, closed_loop, fire, image_post, pct, split_url
 
 DEFAULT_STEPS = (0.5, 0.9, 1.2, 2.0, 4.0)
@@ -45,7 +50,26 @@ class Shot:
     due: float
     latency: float  # from due time to the end of the answer
     lag: float  # how late the client sent it
-    outcome: str  # "200", "503", ..., "timeout", "ConnectionResetError", "client_backlog"
+    outcome: str  # "200", "503", ..., "timeout", "ConnectionResetError", or one of NOT_SENT
+
+
+# Arrivals the generator never sent: past --max-outstanding (python), or still unsent when the
+# step's time was up (vegeta stops its schedule at -duration). They count in the error mix.
+NOT_SENT = ("client_backlog", "client_unsent")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One step of the plan: ``rate`` req/s for ``seconds``, starting ``start`` s after the run's t=0."""
+
+    name: str
+    rate: float
+    seconds: float
+    start: float
+
+    @property
+    def count(self) -> int:  # arrivals in the step, the same for every engine
+        return max(1, int(self.rate * self.seconds))
 
 
 @dataclass
@@ -62,6 +86,7 @@ class StepStats:
     p99_ms: float = float("nan")
     p999_ms: float = float("nan")
     lag_p99_ms: float = float("nan")
+    achieved_rate: float = float("nan")  # requests the generator sent per second of the step
 
 
 async def offer(host: str, port: int, request: bytes, rate: float, seconds: float, start: float,
@@ -95,12 +120,23 @@ async def offer(host: str, port: int, request: bytes, rate: float, seconds: floa
     return shots, open_
 
 
-def summarize(name: str, rate: float, seconds: float, shots: Sequence[Shot], slo_s: float) -> StepStats:
+def summarize(phase: Phase, shots: Sequence[Shot], slo_s: float) -> StepStats:
     ok = [s.latency for s in shots if s.outcome.startswith("2")]
     good = sum(lat <= slo_s for lat in ok)
-    return StepStats(name, rate, seconds, len(shots), good / seconds, len(ok), len(ok) - good,
-                     dict(Counter(s.outcome for s in shots)), pct(ok, 50) * 1000, pct(ok, 99) * 1000,
-                     pct(ok, 99.9) * 1000, pct([s.lag for s in shots], 99) * 1000)
+    sent = [s for s in shots if s.outcome not in NOT_SENT]
+    return StepStats(phase.name, phase.rate, phase.seconds, len(shots), good / phase.seconds, len(ok),
+                     len(ok) - good, dict(Counter(s.outcome for s in shots)), pct(ok, 50) * 1000,
+                     pct(ok, 99) * 1000, pct(ok, 99.9) * 1000, pct([s.lag for s in sent], 99) * 1000,
+                     achieved_rate(phase, sent))
+
+
+def achieved_rate(phase: Phase, sent: Sequence[Shot]) -> float:
+    """Requests sent per second, over the step or until the last late send if that is longer: an
+    on-time generator achieves the offered rate, one that fell behind (or dropped arrivals) less."""
+    if not sent:
+        return 0.0
+    last_send = max(s.due + s.lag for s in sent)
+    return len(sent) / max(phase.seconds, last_send - phase.start)
 
 
 def recovery_time(shots: Sequence[Shot], after: float, normal_p99_s: float) -> float | None:
@@ -122,22 +158,59 @@ def recovery_time(shots: Sequence[Shot], after: float, normal_p99_s: float) -> f
     return None if recovered_from is None else recovered_from * BUCKET_S
 
 
-async def run_steps(url: str, request: bytes, capacity: float, steps: Sequence[float], seconds: float,
-                    slo_s: float, recovery_s: float, timeout: float, max_outstanding: int
-                    ) -> tuple[list[StepStats], float | None]:
+def plan(capacity: float, steps: Sequence[float], seconds: float, recovery_s: float) -> list[Phase]:
+    """The steps back to back, then the recovery phase at the first step's rate."""
+    phases: list[Phase] = []
+    for name, rate, secs in [(f"{m:g}x", m * capacity, seconds) for m in steps] + [
+            ("recovery", steps[0] * capacity, recovery_s)]:
+        phases.append(Phase(name, rate, secs, sum(p.seconds for p in phases)))
+    return phases
+
+
+async def _python_phases(url: str, request: bytes, phases: Sequence[Phase], timeout: float,
+                         max_outstanding: int) -> list[list[Shot]]:
     host, port = split_url(url)
     start = time.perf_counter()
-    phases: list[tuple[str, float, float, list[Shot]]] = []
+    shots: list[list[Shot]] = []
     pending: set[asyncio.Task] = set()
-    plan = [(f"{m:g}x", m * capacity, seconds) for m in steps] + [("recovery", steps[0] * capacity, recovery_s)]
-    for name, rate, secs in plan:
-        shots, open_ = await offer(host, port, request, rate, secs, start, timeout, max_outstanding)
-        phases.append((name, rate, secs, shots))
+    for ph in phases:
+        step_shots, open_ = await offer(host, port, request, ph.rate, ph.seconds, start, timeout, max_outstanding)
+        shots.append(step_shots)
         pending |= open_
     await asyncio.gather(*pending)  # every request ends within its timeout: the run is bounded
-    stats = [summarize(n, r, s, shots, slo_s) for n, r, s, shots in phases]
-    last_end = sum(secs for _, _, secs, _ in phases[:-1])
-    rec = recovery_time(phases[-1][3], last_end, stats[0].p99_ms / 1000)
+    return shots
+
+
+def python_engine(url: str, request: bytes, phases: Sequence[Phase], timeout: float,
+                  max_outstanding: int) -> list[list[Shot]]:
+    """The reference engine: this process's asyncio loop sends every arrival."""
+    return asyncio.run(_python_phases(url, request, phases, timeout, max_outstanding))
+
+
+def vegeta_engine(keepalive: bool):
+    def engine(url: str, request: bytes, phases: Sequence[Phase], timeout: float,
+               max_outstanding: int) -> list[list[Shot]]:
+        from loadtests.openloop_vegeta import run_phases  # imported on use: it needs this module's Shot
+
+        return run_phases(url, request, phases, timeout, max_outstanding, keepalive)
+    return engine
+
+
+# engine(url, raw request, phases, timeout, max_outstanding) -> the shots of each phase, ``due`` in
+# seconds from the run's start; every engine's shots go through the same summarize/recovery_time.
+ENGINES: Registry = Registry("engine", keep_order=True)
+ENGINES.add("python", python_engine)
+ENGINES.add("vegeta", vegeta_engine(keepalive=False))  # fresh connections, as the python engine
+ENGINES.add("vegeta-keepalive", vegeta_engine(keepalive=True))  # past what fresh connections allow
+
+
+def run_steps(url: str, request: bytes, capacity: float, steps: Sequence[float], seconds: float,
+              slo_s: float, recovery_s: float, timeout: float, max_outstanding: int, engine: str = "python"
+              ) -> tuple[list[StepStats], float | None]:
+    phases = plan(capacity, steps, seconds, recovery_s)
+    shots = ENGINES.get(engine)(url, request, phases, timeout, max_outstanding)
+    stats = [summarize(ph, sh, slo_s) for ph, sh in zip(phases, shots)]
+    rec = recovery_time(shots[-1], phases[-1].start, stats[0].p99_ms / 1000)
     return stats, rec
 
 
@@ -159,19 +232,20 @@ def table(server: str, capacity: float, stats: Sequence[StepStats], rec: float |
     """Markdown rows (one per step) for the peers harness's results.md or docs/performance.md."""
     rows = [f"| {server} | {s.name} | {s.rate:.1f} | {s.sent} | {s.goodput:.1f} ({s.goodput / capacity:.2f}x) | "
             f"{s.ok_late} | {_mix(s.outcomes)} | {s.p50_ms:.0f} / {s.p99_ms:.0f} / {s.p999_ms:.0f} | "
-            f"{s.lag_p99_ms:.0f} |" for s in stats]
+            f"{s.achieved_rate:.1f} | {s.lag_p99_ms:.0f} |" for s in stats]
     recov = "not within the recovery phase" if rec is None else f"{rec:.1f} s"
-    return "\n".join(rows + [f"| {server} | recovery after the last step | | | | | {recov} | | |"])
+    return "\n".join(rows + [f"| {server} | recovery after the last step | | | | | {recov} | | | |"])
 
 
 HEADER = ("| server | step | offered req/s | sent | goodput/s (x capacity) | 2xx over SLO | errors | "
-          "2xx p50 / p99 / p99.9 ms | client lag p99 ms |\n|---|---|---|---|---|---|---|---|---|")
+          "2xx p50 / p99 / p99.9 ms | sent req/s | client lag p99 ms |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def save_json(path: Path, server: str, capacity: float, slo_ms: float, load: Sequence[str],
-              stats: Sequence[StepStats], rec: float | None) -> None:
+              stats: Sequence[StepStats], rec: float | None, engine: str = "python") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"server": server, "capacity": capacity, "slo_ms": slo_ms, "loadavg": list(load),
+    path.write_text(json.dumps({"server": server, "engine": engine, "capacity": capacity, "slo_ms": slo_ms,
+                                "loadavg": list(load),
                                 "recovery_s": rec, "steps": [asdict(s) for s in stats]}, indent=1))
 
 
@@ -189,7 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recovery-s", type=float, default=10.0)
     p.add_argument("--slo-ms", type=float, default=1000.0)
     p.add_argument("--timeout", type=float, default=30.0)
-    p.add_argument("--max-outstanding", type=int, default=4000)
+    p.add_argument("--max-outstanding", type=int, default=4000,
+                   help="requests in flight at most (python: arrivals past it count as client_backlog; "
+                        "vegeta: its -max-workers)")
+    p.add_argument("--engine", default="python", choices=ENGINES.names(),
+                   help="what sends the arrivals (python: the reference; vegeta: the Go generator, fresh "
+                        "connections like python; vegeta-keepalive: reused connections; both need "
+                        "scripts/get_vegeta.sh)")
     p.add_argument("--json", type=Path)
     p.add_argument("--md", type=Path, help="append the table rows here (header written when new)")
     return p
@@ -214,13 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     steps = [float(x) for x in args.steps.split(",")]
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    stats, rec = asyncio.run(run_steps(args.url, request, cap, steps, args.seconds, args.slo_ms / 1000,
-                                       args.recovery_s, args.timeout, args.max_outstanding))
+    stats, rec = run_steps(args.url, request, cap, steps, args.seconds, args.slo_ms / 1000, args.recovery_s,
+                           args.timeout, args.max_outstanding, args.engine)
     rows = table(args.name, cap, stats, rec, args.slo_ms)
-    print(f"{args.name}: capacity {cap:.1f} req/s, SLO {args.slo_ms:g} ms, load average at start {' '.join(load)}")
+    print(f"{args.name}: engine {args.engine}, capacity {cap:.1f} req/s, SLO {args.slo_ms:g} ms, "
+          f"load average at start {' '.join(load)}")
     print(HEADER + "\n" + rows)
     if args.json:
-        save_json(args.json, args.name, cap, args.slo_ms, load, stats, rec)
+        save_json(args.json, args.name, cap, args.slo_ms, load, stats, rec, args.engine)
     if args.md:
         new = not args.md.exists()
         with args.md.open("a") as f:

@@ -12,13 +12,12 @@ after the other in the order given, each repeated ``--rounds`` times alternately
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import tempfile
 from pathlib import Path
 
 from loadtests.ab import parse_variant
-from loadtests.openloop import HEADER, measure_capacity, run_steps, save_json, table
+from loadtests.openloop import ENGINES, HEADER, measure_capacity, run_steps, save_json, table
 from loadtests.soak import image_post
 from service import launcher
 
@@ -36,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--capacity", type=float,
                    help="req/s the steps multiply for every variant (the same offered load); default: the "
                         "first variant's closed-loop capacity, measured once")
+    p.add_argument("--engine", default="python", choices=ENGINES.names(), help="what sends the arrivals")
     p.add_argument("--json-dir", type=Path, help="one JSON per variant and round (loadtests.openloop_plot reads them)")
     args = p.parse_args(argv)
     ctype = "image/png" if args.image.suffix.lower() == ".png" else "image/jpeg"
@@ -55,12 +55,13 @@ def main(argv: list[str] | None = None) -> int:
                 server.wait_ready(timeout_s=300)
                 load = Path("/proc/loadavg").read_text().split()[:3]
                 cap = args.capacity = args.capacity or measure_capacity(server.url + "/classify", request)
-                stats, rec = asyncio.run(run_steps(server.url + "/classify", request, cap, steps, args.seconds,
-                                                   args.slo_ms / 1000, args.recovery_s, 30.0, 4000))
+                stats, rec = run_steps(server.url + "/classify", request, cap, steps, args.seconds,
+                                       args.slo_ms / 1000, args.recovery_s, 30.0, 4000, args.engine)
             finally:
                 server.stop()
             if args.json_dir:
-                save_json(args.json_dir / f"{name}.r{rnd + 1}.json", name, cap, args.slo_ms, load, stats, rec)
+                save_json(args.json_dir / f"{name}.r{rnd + 1}.json", name, cap, args.slo_ms, load, stats, rec,
+                          args.engine)
             out.append(table(f"{name} (round {rnd + 1}, load {' '.join(load)})", cap, stats, rec, args.slo_ms))
             print(f"{name}: capacity {cap:.1f} req/s\n{HEADER}\n{out[-1]}", flush=True)
     print("\n" + HEADER + "\n" + "\n".join(out))

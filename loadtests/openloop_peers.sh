@@ -2,7 +2,11 @@
 # Open-loop steps (loadtests/openloop.py) against imgserve and the peers of ../shared/bench/peers, in one run.
 #
 #   PEER_BUNDLE=bundles/r18 SLO_MS=1000 IMG=china.jpg loadtests/openloop_peers.sh imgserve torchserve litserve bentoml_nobatch
-#   PEER_BUNDLE=bundles/m28 SLO_MS=100 IMG=digit.png loadtests/openloop_peers.sh imgserve torchserve ...
+#   PEER_BUNDLE=bundles/m28 SLO_MS=100 IMG=digit.png ENGINE=vegeta loadtests/openloop_peers.sh imgserve torchserve ...
+#
+# ENGINE (python, the default, or vegeta: scripts/get_vegeta.sh) is what sends the arrivals, the same
+# for every server of the run; use vegeta where the python engine's "sent req/s" falls short of the
+# offered rate (a few thousand req/s on 2 cores).
 #
 # Use PEER_BUNDLE (the harness's bundle mode): every server, imgserve included, then serves that
 # bundle's model.onnx. Without it the peers serve the harness's own ResNet ($PEERS_HOME/r18.onnx,
@@ -17,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PEERS=${PEERS:-/work/shared/bench/peers}; export PEERS_HOME=${PEERS_HOME:-/tmp/imgserve-peers}
-SLO_MS=${SLO_MS:-1000}; SECONDS_PER_STEP=${SECONDS_PER_STEP:-20}; STEPS=${STEPS:-0.5,0.9,1.2,2,4}
+SLO_MS=${SLO_MS:-1000}; ENGINE=${ENGINE:-python}; SECONDS_PER_STEP=${SECONDS_PER_STEP:-20}; STEPS=${STEPS:-0.5,0.9,1.2,2,4}
 OUT=${OUT:-$(mktemp -d /tmp/openloop-peers.XXXX)}; mkdir -p "$OUT"
 IMG=${IMG:?set IMG to the image every server gets}
 PY=${PY:-.venv/bin/python}
@@ -55,10 +59,10 @@ for name in "$@"; do
   if wait_2xx "$url" "$field" "$pid"; then
     timeout $(( SECONDS_PER_STEP * 6 + 120 )) "$PY" -m loadtests.openloop --url "$url" --image "$IMG" --field "$field" \
       --name "$name (load $(cut -d' ' -f1-3 /proc/loadavg))" --slo-ms "$SLO_MS" --seconds "$SECONDS_PER_STEP" \
-      --steps "$STEPS" --json "$OUT/$name.json" --md "$OUT/openloop.md" || echo "$name: open loop failed" >&2
+      --steps "$STEPS" --engine "$ENGINE" --json "$OUT/$name.json" --md "$OUT/openloop.md" || echo "$name: open loop failed" >&2
   else
     echo "$name: exited or no 2xx answer within 300 s (see $OUT/$name.log)" >&2
   fi
   stop_group "$pid"; unset R18_MAX_LATENCY_MS
 done
-echo "rows: $OUT/openloop.md (commit $(git rev-parse --short HEAD), $(date -u +%FT%TZ))"
+echo "rows: $OUT/openloop.md (engine $ENGINE, commit $(git rev-parse --short HEAD), $(date -u +%FT%TZ))"
