@@ -24,7 +24,8 @@ from starlette.routing import Route
 import bentoml
 from imgformat.bundle import BundleError
 from imgformat.preprocess import ImageError, stack
-from service import explain, metrics, metrics_labels, monitoring, oip, onewrite, repository, rollout, timeouts
+from service import (explain, metrics, metrics_labels, monitoring, oip, onewrite, repository, reuseport, rollout,
+                     timeouts)
 from service.answer import answer, current_service
 from service.config import Settings, load_settings
 from service.errors import Refused as _Refused
@@ -45,6 +46,7 @@ logging.getLogger("service").setLevel(logging.INFO)
 SETTINGS: Settings = load_settings()  # read at import: @bentoml.service(workers=...) below needs it
 onewrite.install()  # each answer in one socket write: a killed replica sends all of it or nothing
 timeouts.install()  # the request timeout's timer goes with its request, not 60 s later
+reuseport.install(SETTINGS.workers)  # several workers: one SO_REUSEPORT socket each, so connections spread over them
 metrics_labels.install()  # HTTP metrics by route template (no path a client invents adds series); request ids
 INLINE_DECODE_PIXELS = 128 * 128  # decode smaller images on the event loop: cheaper than a thread hand-off
 

@@ -127,3 +127,47 @@ def test_killed_worker_is_replaced_while_the_other_answers(two_workers, images) 
     n = N_IMAGES * REPEATS
     # The dead worker's counts stay in the sum (its metric files outlive it).
     assert counts(two_workers.url) == (before[0] + 2 * n, before[1] + 2 * n)
+
+
+def test_each_worker_listens_on_its_own_socket_and_connections_spread(two_workers) -> None:
+    """One shared listening socket let whichever worker woke first take a burst of keep-alive
+    connections (62 of 64 seen); one SO_REUSEPORT socket per worker spreads them by address hash."""
+    import socket
+
+    port = int(two_workers.url.rsplit(":", 1)[1])
+    pids = worker_pids(two_workers)
+    listening = {pid: _listening_inodes(pid, port) for pid in pids}
+    assert all(listening.values()), f"a worker without a listening socket on {port}: {listening}"
+    assert len(set().union(*listening.values())) == len(pids), f"workers share a listening socket: {listening}"
+
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(64)]
+    try:
+        for c in conns:  # an answer on each: every connection has been accepted by some worker
+            c.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        for c in conns:
+            assert c.recv(4096).startswith(b"HTTP/1.1 200")
+        per_worker = {pid: _established(pid, port) for pid in pids}
+    finally:
+        for c in conns:
+            c.close()
+    assert sum(per_worker.values()) == 64, per_worker
+    # Binomial(64, 1/2) falls under 16 with probability ~1e-4; the shared socket did 58:6 and 64:0.
+    assert min(per_worker.values()) >= 16, f"connections per worker: {per_worker}"
+
+
+def _listening_inodes(pid: int, port: int) -> set[int]:
+    import psutil
+
+    return {_inode(pid, c.fd) for c in psutil.Process(pid).net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
+def _established(pid: int, port: int) -> int:
+    import psutil
+
+    return sum(1 for c in psutil.Process(pid).net_connections("tcp")
+               if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+
+
+def _inode(pid: int, fd: int) -> int:
+    return int(os.readlink(f"/proc/{pid}/fd/{fd}").split("[")[1].rstrip("]"))
