@@ -33,7 +33,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from imgformat.registry import Registry
 from loadtests.soak import Result, closed_loop, fire, image_post, pct, split_url
@@ -187,34 +187,41 @@ def python_engine(url: str, request: bytes, phases: Sequence[Phase], timeout: fl
     return asyncio.run(_python_phases(url, request, phases, timeout, max_outstanding))
 
 
-def vegeta_engine(keepalive: bool):
-    def engine(url: str, request: bytes, phases: Sequence[Phase], timeout: float,
-               max_outstanding: int) -> list[list[Shot]]:
-        from loadtests.openloop_vegeta import run_phases  # imported on use: it needs this module's Shot
+@dataclass(frozen=True)
+class Engine:
+    """What sends the arrivals: ``offer(url, raw request, phases, timeout, max_outstanding)`` -> the
+    shots of each phase, ``due`` in seconds from the run's start; ``capacity(url, raw request,
+    concurrency, seconds)`` -> 2xx/s of a closed loop with the same connections. Every engine's
+    shots go through the same summarize/recovery_time."""
 
+    offer: Callable[[str, bytes, Sequence[Phase], float, int], list[list[Shot]]]
+    capacity: Callable[[str, bytes, int, float], float]
+
+
+def vegeta_engine(keepalive: bool) -> Engine:
+    # imported on use: loadtests.openloop_vegeta needs this module's Shot and Phase
+    def offer(url: str, request: bytes, phases: Sequence[Phase], timeout: float,
+              max_outstanding: int) -> list[list[Shot]]:
+        from loadtests.openloop_vegeta import run_phases
         return run_phases(url, request, phases, timeout, max_outstanding, keepalive)
-    return engine
 
-
-# engine(url, raw request, phases, timeout, max_outstanding) -> the shots of each phase, ``due`` in
-# seconds from the run's start; every engine's shots go through the same summarize/recovery_time.
-ENGINES: Registry = Registry("engine", keep_order=True)
-ENGINES.add("python", python_engine)
-ENGINES.add("vegeta", vegeta_engine(keepalive=False))  # fresh connections, as the python engine
-ENGINES.add("vegeta-keepalive", vegeta_engine(keepalive=True))  # past what fresh connections allow
+    def capacity(url: str, request: bytes, concurrency: int, seconds: float) -> float:
+        from loadtests.openloop_vegeta import closed_loop_capacity
+        return closed_loop_capacity(url, request, concurrency, seconds, keepalive)
+    return Engine(offer, capacity)
 
 
 def run_steps(url: str, request: bytes, capacity: float, steps: Sequence[float], seconds: float,
               slo_s: float, recovery_s: float, timeout: float, max_outstanding: int, engine: str = "python"
               ) -> tuple[list[StepStats], float | None]:
     phases = plan(capacity, steps, seconds, recovery_s)
-    shots = ENGINES.get(engine)(url, request, phases, timeout, max_outstanding)
+    shots = ENGINES.get(engine).offer(url, request, phases, timeout, max_outstanding)
     stats = [summarize(ph, sh, slo_s) for ph, sh in zip(phases, shots)]
     rec = recovery_time(shots[-1], phases[-1].start, stats[0].p99_ms / 1000)
     return stats, rec
 
 
-def measure_capacity(url: str, request: bytes, concurrency: int = 8, seconds: float = 10.0) -> float:
+def python_capacity(url: str, request: bytes, concurrency: int = 8, seconds: float = 10.0) -> float:
     """2xx per second of a closed loop at ``concurrency`` after a 2 s warm-up."""
     host, port = split_url(url)
     make = lambda i: (request, None)
@@ -222,6 +229,18 @@ def measure_capacity(url: str, request: bytes, concurrency: int = 8, seconds: fl
     t0 = time.perf_counter()
     rs = asyncio.run(closed_loop(host, port, make, concurrency, seconds))
     return sum(r.status is not None and 200 <= r.status < 300 for r in rs) / (time.perf_counter() - t0)
+
+
+ENGINES: Registry[Engine] = Registry("engine", keep_order=True)
+ENGINES.add("python", Engine(python_engine, python_capacity))
+ENGINES.add("vegeta", vegeta_engine(keepalive=False))  # fresh connections, as the python engine
+ENGINES.add("vegeta-keepalive", vegeta_engine(keepalive=True))  # reused connections: less client CPU
+
+
+def measure_capacity(url: str, request: bytes, concurrency: int = 8, seconds: float = 10.0,
+                     engine: str = "python") -> float:
+    """The capacity the steps multiply: the engine's own closed loop at ``concurrency``."""
+    return ENGINES.get(engine).capacity(url, request, concurrency, seconds)
 
 
 def _mix(outcomes: dict[str, int]) -> str:
@@ -257,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--form", default="", help="extra fields, k=v&k2=v2")
     p.add_argument("--raw", action="store_true", help="post the bare image bytes instead of a form")
     p.add_argument("--name", default="target", help="row label")
-    p.add_argument("--capacity", type=float, help="req/s; measured closed-loop at c=8 when omitted")
+    p.add_argument("--capacity", type=float,
+                   help="req/s; measured when omitted: a closed loop at c=8 of the engine's own connections")
     p.add_argument("--steps", default=",".join(f"{m:g}" for m in DEFAULT_STEPS))
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--recovery-s", type=float, default=10.0)
@@ -290,7 +310,7 @@ def _request(args: argparse.Namespace) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     request = _request(args)
-    cap = args.capacity or measure_capacity(args.url, request)
+    cap = args.capacity or measure_capacity(args.url, request, engine=args.engine)
     steps = [float(x) for x in args.steps.split(",")]
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 server.wait_ready(timeout_s=300)
                 load = Path("/proc/loadavg").read_text().split()[:3]
-                cap = args.capacity = args.capacity or measure_capacity(server.url + "/classify", request)
+                cap = args.capacity = (args.capacity
+                                       or measure_capacity(server.url + "/classify", request, engine=args.engine))
                 stats, rec = run_steps(server.url + "/classify", request, cap, steps, args.seconds,
                                        args.slo_ms / 1000, args.recovery_s, 30.0, 4000, args.engine)
             finally:

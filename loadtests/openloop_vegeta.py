@@ -40,6 +40,9 @@ from loadtests.openloop import Phase, Shot
 from loadtests.soak import split_url
 
 REPO = Path(__file__).resolve().parent.parent
+# One core for the generator, as the python engine's one event loop, unless GOMAXPROCS says
+# otherwise: on a 2-core machine a generator on both cores takes the server's CPU.
+ENV = {**os.environ, "GOMAXPROCS": os.environ.get("GOMAXPROCS", "1")}
 # Headers Go's HTTP client writes itself (Connection: close comes from -keepalive=false).
 OWN_HEADERS = {"host", "connection", "content-length"}
 # vegeta's error text (Go's net/http) -> the python engine's outcome names, first match wins.
@@ -81,17 +84,34 @@ def target(url: str, request: bytes) -> dict:
             "body": base64.b64encode(body).decode()}
 
 
-def attack_command(vegeta: str, targets: Path, out: Path, phase: Phase, timeout: float, max_outstanding: int,
-                   keepalive: bool) -> list[str]:
-    """One step: exactly phase.count hits spread evenly over the step (rate = count per duration)."""
-    step = f"{round(phase.seconds * 1000)}ms"
-    # coreutils timeout bounds it even if this process dies: vegeta stops at -duration, then waits
-    # at most -timeout for the last answers.
-    limit = phase.seconds + timeout + 30
-    return ["timeout", "-k", "5", f"{limit:.0f}", vegeta, "attack", "-format=json", f"-targets={targets}",
-            f"-rate={phase.count}/{step}", f"-duration={step}", f"-timeout={timeout:g}s",
-            f"-max-workers={max_outstanding}", f"-keepalive={str(keepalive).lower()}", "-http2=false", "-max-body=0",
-            f"-output={out}"]
+class Attack:
+    """One ``vegeta attack`` of the request, bounded in time, its results decoded afterwards."""
+
+    def __init__(self, vegeta: str, targets: Path, out: Path, seconds: float, timeout: float, keepalive: bool,
+                 *pacing: str) -> None:
+        span = f"{round(seconds * 1000)}ms"
+        # coreutils timeout bounds it even if this process dies: vegeta stops at -duration, then
+        # waits at most -timeout for the last answers.
+        self.vegeta, self.out = vegeta, out
+        self.proc = subprocess.Popen(
+            ["timeout", "-k", "5", f"{seconds + timeout + 30:.0f}", vegeta, "attack", "-format=json",
+             f"-targets={targets}", f"-duration={span}", f"-timeout={timeout:g}s",
+             f"-keepalive={str(keepalive).lower()}", "-http2=false", "-max-body=0", f"-output={out}", *pacing],
+            env=ENV, stderr=subprocess.PIPE)
+
+    def rows(self) -> list[list[str]]:
+        """Wait for the attack to end; its results as CSV rows (see shots_from_csv)."""
+        _, err = self.proc.communicate()
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"vegeta attack failed ({self.proc.returncode}): {err.decode()[-500:]}")
+        encoded = subprocess.run([self.vegeta, "encode", "-to=csv", str(self.out)], capture_output=True,
+                                 check=True, timeout=120).stdout.decode()
+        return list(csv.reader(io.StringIO(encoded)))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def outcome(code: int, error: str) -> str:
@@ -116,6 +136,15 @@ def shots_from_csv(rows: Sequence[list[str]], phase: Phase, run_wall_start: floa
     return shots
 
 
+def _vegeta_and_targets(url: str, request: bytes) -> tuple[str, Path]:
+    vegeta = vegeta_binary()
+    if vegeta is None:
+        raise FileNotFoundError("vegeta not found: run scripts/get_vegeta.sh (or set VEGETA=/path/to/vegeta)")
+    work = Path(tempfile.mkdtemp(prefix="openloop-vegeta-"))
+    (work / "targets.json").write_text(json.dumps(target(url, request)) + "\n")
+    return vegeta, work
+
+
 def run_phases(url: str, request: bytes, phases: Sequence[Phase], timeout: float, max_outstanding: int,
                keepalive: bool = False) -> list[list[Shot]]:
     """Start each step's vegeta at its planned time, whether or not the previous one has finished
@@ -123,38 +152,35 @@ def run_phases(url: str, request: bytes, phases: Sequence[Phase], timeout: float
 
     ``keepalive``: reuse connections (vegeta opens more whenever all are busy, so it stays an open
     loop) instead of the python engine's fresh connection per request."""
-    vegeta = vegeta_binary()
-    if vegeta is None:
-        raise FileNotFoundError("vegeta not found: run scripts/get_vegeta.sh (or set VEGETA=/path/to/vegeta)")
-    # One core for the generator, as the python engine's one event loop, unless GOMAXPROCS says
-    # otherwise: on a 2-core machine a generator on both cores takes the server's CPU.
-    env = {**os.environ, "GOMAXPROCS": os.environ.get("GOMAXPROCS", "1")}
-    work = Path(tempfile.mkdtemp(prefix="openloop-vegeta-"))
-    targets = work / "targets.json"
-    targets.write_text(json.dumps(target(url, request)) + "\n")
+    vegeta, work = _vegeta_and_targets(url, request)
     run_wall_start = time.time() + 0.2  # a moment to start the first process
-    procs: list[tuple[Phase, Path, subprocess.Popen]] = []
+    attacks: list[Attack] = []
     try:
         for i, ph in enumerate(phases):
             time.sleep(max(0.0, run_wall_start + ph.start - time.time()))
-            out = work / f"step{i}.bin"
-            procs.append((ph, out, subprocess.Popen(
-                attack_command(vegeta, targets, out, ph, timeout, max_outstanding, keepalive), env=env,
-                stderr=subprocess.PIPE)))
-        return [step_shots(vegeta, ph, out, proc, run_wall_start) for ph, out, proc in procs]
+            # exactly ph.count hits spread evenly over the step (rate = count per duration)
+            attacks.append(Attack(vegeta, work / "targets.json", work / f"step{i}.bin", ph.seconds, timeout,
+                                  keepalive, f"-rate={ph.count}/{round(ph.seconds * 1000)}ms",
+                                  f"-max-workers={max_outstanding}"))
+        return [shots_from_csv(a.rows(), ph, run_wall_start) for a, ph in zip(attacks, phases)]
     finally:
-        for _, _, proc in procs:
-            if proc.poll() is None:  # only after an error: stop the attacks still running
-                proc.kill()
-                proc.wait()
+        for a in attacks:  # only after an error: stop the attacks still running
+            a.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
-def step_shots(vegeta: str, phase: Phase, out: Path, proc: subprocess.Popen, run_wall_start: float) -> list[Shot]:
-    """Wait for one step's attack to end, then decode its results."""
-    _, err = proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"vegeta attack failed ({proc.returncode}) in step {phase.name}: {err.decode()[-500:]}")
-    encoded = subprocess.run([vegeta, "encode", "-to=csv", str(out)], capture_output=True, check=True,
-                             timeout=120).stdout.decode()
-    return shots_from_csv(list(csv.reader(io.StringIO(encoded))), phase, run_wall_start)
+def closed_loop_capacity(url: str, request: bytes, concurrency: int, seconds: float, keepalive: bool) -> float:
+    """2xx per second of ``concurrency`` vegeta workers sending back to back (-rate=0: a closed
+    loop), after a 2 s warm-up: the capacity the steps multiply, measured with this engine's
+    connections (keep-alive capacity is higher than fresh-connection capacity)."""
+    vegeta, work = _vegeta_and_targets(url, request)
+    warmup = 2.0
+    attack = Attack(vegeta, work / "targets.json", work / "capacity.bin", warmup + seconds, 30.0, keepalive,
+                    "-rate=0", f"-workers={concurrency}", f"-max-workers={concurrency}")
+    try:
+        rows = attack.rows()
+    finally:
+        attack.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    t0 = min(int(r[0]) for r in rows) / 1e9 + warmup
+    return sum(int(r[0]) / 1e9 >= t0 and r[1].startswith("2") for r in rows) / seconds

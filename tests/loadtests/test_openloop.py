@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from loadtests.openloop import ENGINES, Phase, Shot, run_steps, summarize
+from loadtests.openloop import ENGINES, Phase, Shot, measure_capacity, run_steps, summarize
 from loadtests.openloop_vegeta import vegeta_binary
 from loadtests.soak import raw_post
 from service.launcher import free_port
@@ -105,7 +105,7 @@ def test_slope_from_due_times(engine: str) -> None:
     try:
         req = raw_post("/", b"x" * 100, "application/octet-stream")
         phase = Phase("2x", 2 / SERVICE_S, 2.0, 0.0)
-        [shots] = ENGINES.get(engine)(f"http://127.0.0.1:{port}/", req, [phase], 30.0, 1000)
+        [shots] = ENGINES.get(engine).offer(f"http://127.0.0.1:{port}/", req, [phase], 30.0, 1000)
     finally:
         _stop(server)
     assert len(shots) == 200 and all(s.outcome == "200" for s in shots)
@@ -124,13 +124,26 @@ def test_achieved_rate_at_a_sustainable_rate(engine: str) -> None:
     try:
         req = raw_post("/", b"x" * 100, "application/octet-stream")
         phase = Phase("calm", 200.0, 2.0, 0.0)
-        [shots] = ENGINES.get(engine)(f"http://127.0.0.1:{port}/", req, [phase], 10.0, 1000)
+        [shots] = ENGINES.get(engine).offer(f"http://127.0.0.1:{port}/", req, [phase], 10.0, 1000)
     finally:
         _stop(server)
     step = summarize(phase, shots, 1.0)
     assert step.outcomes == {"200": 400}, step
     assert abs(step.achieved_rate / 200 - 1) < 0.03, step
     assert step.lag_p99_ms < 50 and step.p50_ms < 50, step
+
+
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
+def test_capacity_of_a_known_server(engine: str) -> None:
+    """The capacity the steps multiply, from the engine's own closed loop: one request at a time
+    for SERVICE_S each is 1 / SERVICE_S req/s, whatever the concurrency."""
+    port, server = _serve()
+    try:
+        req = raw_post("/", b"x" * 100, "application/octet-stream")
+        cap = measure_capacity(f"http://127.0.0.1:{port}/", req, concurrency=4, seconds=2.0, engine=engine)
+    finally:
+        _stop(server)
+    assert 0.75 / SERVICE_S < cap <= 1.05 / SERVICE_S, cap
 
 
 def test_an_overloaded_generator_shows_in_the_row() -> None:
