@@ -89,7 +89,7 @@ class Attack:
 
     def __init__(self, vegeta: str, targets: Path, out: Path, seconds: float, timeout: float, keepalive: bool,
                  *pacing: str) -> None:
-        span = f"{round(seconds * 1000)}ms"
+        span = f"{round(seconds * 1e6)}us"
         # coreutils timeout bounds it even if this process dies: vegeta stops at -duration, then
         # waits at most -timeout for the last answers.
         self.vegeta, self.out = vegeta, out
@@ -124,7 +124,8 @@ def shots_from_csv(rows: Sequence[list[str]], phase: Phase, run_wall_start: floa
     """vegeta's CSV results (timestamp ns, code, latency ns, bytes out, bytes in, error, body, attack,
     seq, ...) -> shots with latency from each hit's due time; hits never sent -> client_unsent."""
     interval = phase.seconds / phase.count
-    sent = [(int(r[8]), int(r[0]) / 1e9, int(r[2]) / 1e9, outcome(int(r[1]), r[5])) for r in rows]
+    sent = [(int(r[8]), int(r[0]) / 1e9, int(r[2]) / 1e9, outcome(int(r[1]), r[5])) for r in rows
+            if int(r[8]) < phase.count]
     began = min((ts - (seq + 1) * interval for seq, ts, _, _ in sent), default=run_wall_start + phase.start)
     shots = []
     for seq, ts, latency, what in sent:
@@ -158,9 +159,13 @@ def run_phases(url: str, request: bytes, phases: Sequence[Phase], timeout: float
     try:
         for i, ph in enumerate(phases):
             time.sleep(max(0.0, run_wall_start + ph.start - time.time()))
-            # exactly ph.count hits spread evenly over the step (rate = count per duration)
-            attacks.append(Attack(vegeta, work / "targets.json", work / f"step{i}.bin", ph.seconds, timeout,
-                                  keepalive, f"-rate={ph.count}/{round(ph.seconds * 1000)}ms",
+            # ph.count hits spread evenly over the step (rate = count per step), the last one due
+            # at the step's end: -duration half an interval longer, or a last hit woken a little
+            # late would be left unsent (vegeta checks -duration before it sleeps, so it may send
+            # one hit more, which shots_from_csv leaves out).
+            interval = ph.seconds / ph.count
+            attacks.append(Attack(vegeta, work / "targets.json", work / f"step{i}.bin", ph.seconds + interval / 2,
+                                  timeout, keepalive, f"-rate={ph.count}/{round(ph.seconds * 1000)}ms",
                                   f"-max-workers={max_outstanding}"))
         return [shots_from_csv(a.rows(), ph, run_wall_start) for a, ph in zip(attacks, phases)]
     finally:
