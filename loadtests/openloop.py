@@ -17,10 +17,11 @@ step, every later 0.5 s bucket of arrivals is answered 2xx with p99 within 1.5x 
 
 Per step: goodput (2xx answered within ``--slo-ms`` of their due time, per second), the error mix
 (503, other statuses, timeouts, connection errors), p50/p99/p99.9 of the 2xx answers.
-Two engines send the arrivals (``--engine``), and the same code turns their per-request results
-into rows: ``python`` (the reference: loadtests.soak's raw-socket client on one asyncio loop, a
-fresh connection per request) and ``vegeta`` (loadtests.openloop_vegeta: the Go load generator,
-for rates one Python process cannot issue on time). Each row says the rate the generator achieved
+Engines send the arrivals (``--engine``, the registry ENGINES), and the same code turns their
+per-request results into rows: ``python`` (the reference: loadtests.soak's raw-socket client on
+one asyncio loop, a fresh connection per request), ``vegeta`` and ``vegeta-keepalive``
+(loadtests.openloop_vegeta: the Go load generator, fresh or reused connections; what each costs
+the client per request is in docs/loadtests.md). Each row says the rate the generator achieved
 next to the one offered, so a generator that could not keep up is visible.
 """
 from __future__ import annotations
