@@ -45,11 +45,12 @@ wait_2xx() { # URL FIELD PID: up to 300 s for one 2xx answer to the image, while
 
 stop_group() { kill -TERM -- "-$1" 2>/dev/null || true; sleep 5; kill -KILL -- "-$1" 2>/dev/null || true; }
 
-for name in "$@"; do
+for spec in "$@"; do  # imgserve+KEY=V+KEY2=V2: imgserve with those settings, labelled so
+  name=${spec%%+*}; settings=(); [[ $spec == *+* ]] && IFS='+' read -r -a settings <<< "${spec#*+}"
   if [ "$name" = imgserve ]; then
     port=$($PY -c 'from service.launcher import free_port; print(free_port())'); path=/classify; field=image
-    IMGSERVE_MODELS=${PEER_BUNDLE:-${BUNDLE:?set PEER_BUNDLE or BUNDLE}} BENTOML_DO_NOT_TRACK=true \
-      setsid .venv/bin/bentoml serve service.service:ImgServe --host 127.0.0.1 --port "$port" > "$OUT/$name.log" 2>&1 &
+    env "${settings[@]}" IMGSERVE_MODELS=${PEER_BUNDLE:-${BUNDLE:?set PEER_BUNDLE or BUNDLE}} BENTOML_DO_NOT_TRACK=true \
+      setsid .venv/bin/bentoml serve service.service:ImgServe --host 127.0.0.1 --port "$port" > "$OUT/$spec.log" 2>&1 &
   else
     IFS='|' read -r start port path field <<< "${CONF[$name]:?unknown server $name}"
     [ "$name" = bentoml_naive10k ] && export R18_MAX_LATENCY_MS=10000
@@ -58,8 +59,8 @@ for name in "$@"; do
   pid=$!; url="http://127.0.0.1:$port$path"
   if wait_2xx "$url" "$field" "$pid"; then
     timeout $(( SECONDS_PER_STEP * 6 + 120 )) "$PY" -m loadtests.openloop --url "$url" --image "$IMG" --field "$field" \
-      --name "$name (load $(cut -d' ' -f1-3 /proc/loadavg))" --slo-ms "$SLO_MS" --seconds "$SECONDS_PER_STEP" \
-      --steps "$STEPS" --engine "$ENGINE" --json "$OUT/$name.json" --md "$OUT/openloop.md" || echo "$name: open loop failed" >&2
+      --name "$spec (load $(cut -d' ' -f1-3 /proc/loadavg))" --slo-ms "$SLO_MS" --seconds "$SECONDS_PER_STEP" \
+      --steps "$STEPS" --engine "$ENGINE" --json "$OUT/$spec.json" --md "$OUT/openloop.md" || echo "$name: open loop failed" >&2
   else
     echo "$name: exited or no 2xx answer within 300 s (see $OUT/$name.log)" >&2
   fi
