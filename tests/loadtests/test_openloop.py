@@ -130,7 +130,9 @@ def test_achieved_rate_at_a_sustainable_rate(engine: str) -> None:
     step = summarize(phase, shots, 1.0)
     assert step.outcomes == {"200": 400}, step
     assert abs(step.achieved_rate / 200 - 1) < 0.03, step
-    assert step.lag_p99_ms < 50 and step.p50_ms < 50, step
+    # Generous bounds: on a busy 2-core machine a scheduler hiccup costs tens of ms; a latency not
+    # counted from the due time, or a generator that fell behind, shows up as seconds.
+    assert step.lag_p99_ms < 250 and step.p50_ms < 250, step
 
 
 @pytest.mark.parametrize("engine", ENGINE_PARAMS)
