@@ -104,6 +104,11 @@ class _Base:
         # Little's law: wait = images in flight x time per image at the measured throughput.
         # Inference time alone misses decoding, which dominates for big images and a small model: the
         # overload tests in tests/reliability hold the latency budget only with the wall-clock rate.
+        if self.in_flight == 0:
+            # Idle: nothing to wait behind. The throughput figure is only updated by finished images,
+            # so one measured in a collapse (a starved CPU, > the budget per image) would refuse every
+            # request forever; the model's own time per image decides instead.
+            return extra * self.per_image_s
         return (self.in_flight + extra) * max(self.cost_s, self.per_image_s)
 
     @contextlib.contextmanager

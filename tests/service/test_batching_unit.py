@@ -214,3 +214,16 @@ def test_warm_up_covers_the_batch_sizes_the_cap_allows(pool, device: str, per_im
                     None, ["a", "b"])
     m.warm_up()
     assert set(backend.sizes) == want and max(backend.sizes) == m.batcher.max_batch_size, backend.sizes
+
+
+def test_an_idle_model_is_not_refused_by_a_stale_throughput(pool) -> None:
+    """The wall-clock cost per image is measured only from finished images: one taken in a collapse
+    (over the budget) must not refuse every later request while nothing is in flight, or the
+    service never serves, and so never re-measures, again (seen: 100 % 503 at 0.5x after a 4x step)."""
+    b = make("eager", FakeModel(), pool, max_latency_ms=100)
+    b.per_image_s = 0.001
+    b.cost_s = 0.5  # measured while the CPU was starved: 5x the budget per image
+    b.check(1)  # idle: admitted on the model's own time per image
+    with b.admitted(1):
+        with pytest.raises(Overloaded):
+            b.check(1)  # busy: the measured throughput counts again
