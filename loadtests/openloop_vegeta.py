@@ -1,7 +1,8 @@
 """The vegeta engine of loadtests.openloop: each step is one ``vegeta attack`` at the step's rate.
 
-vegeta (a Go load generator, ``scripts/get_vegeta.sh`` installs it into build/bin/) issues tens of
-thousands of requests a second where one Python process issues a few thousand. It gets the same
+vegeta (a Go load generator, ``scripts/get_vegeta.sh`` installs it into build/bin/) is a well-kept
+open-loop generator; with fresh connections it costs the client about the CPU per request of the
+python engine, with ``-keepalive`` about a third less (docs/loadtests.md). It gets the same
 raw request as the python engine (method, path, headers, multipart body, ``Connection: close``:
 a fresh connection per request), and its per-request results (``vegeta encode -to csv``) become
 the same ``Shot`` records, so the statistics are loadtests.openloop's own.

@@ -77,3 +77,14 @@ def triton_bytes_input(files: list[bytes]):
     inp = tg.InferInput("image", [len(files)], "BYTES")
     inp.set_data_from_numpy(np.array(files, dtype=np.object_))
     return inp
+
+
+def established_on(pid: int, port: int) -> int:
+    """How many established TCP connections on local ``port`` the process ``pid`` serves (as ``ss -tnp``)."""
+    import psutil
+
+    try:
+        conns = psutil.Process(pid).net_connections("tcp")
+    except psutil.NoSuchProcess:  # a worker that has just exited serves nothing
+        return 0
+    return sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)

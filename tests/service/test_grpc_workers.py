@@ -1,20 +1,17 @@
 """IMGSERVE_WORKERS=2: each worker process runs its own gRPC server on the same port (grpc sets
 SO_REUSEPORT), and the kernel spreads new connections over both. Checked on a real ``bentoml serve``:
 connections from separate clients all answer, and the server ends of those connections belong to
-two different worker processes (read from /proc, as ``ss -tnp`` does).
+two different worker processes (as ``ss -tnp`` shows them).
 """
 from __future__ import annotations
 
-import os
-import re
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 
 from service.oip_grpc_gen import grpc_service_pb2 as pb
-from svc_factory import start_grpc_service
+from svc_factory import established_on, start_grpc_service
 
 CLIENTS = 16
 
@@ -26,29 +23,9 @@ def srv(bundle, tmp_path_factory):
     s.stop()
 
 
-def _socket_owners(pids: list[int]) -> dict[int, int]:
-    """socket inode -> pid, for the sockets the processes ``pids`` hold open."""
-    owners = {}
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                m = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(f"/proc/{pid}/fd/{fd}"))
-                if m:
-                    owners[int(m.group(1))] = pid
-        except (FileNotFoundError, PermissionError):
-            continue
-    return owners
-
-
 def _serving_pids(port: int, pids: list[int]) -> set[int]:
     """The processes holding the server end of established TCP connections on ``port``."""
-    owners, found = _socket_owners(pids), set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port and int(f[9]) in owners:  # 01: ESTABLISHED
-                found.add(owners[int(f[9])])
-    return found
+    return {pid for pid in pids if established_on(pid, port)}
 
 
 def test_both_workers_serve_grpc_on_one_port(srv):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from service.launcher import start_service, tree_pids
-from svc_factory import digit_uploads, png_bytes
+from svc_factory import digit_uploads, established_on, png_bytes
 
 N_IMAGES, REPEATS = 8, 6
 MAX_QUEUE = 64  # 32 images in flight per worker
@@ -146,7 +146,7 @@ def test_each_worker_listens_on_its_own_socket_and_connections_spread(two_worker
             c.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
         for c in conns:
             assert c.recv(4096).startswith(b"HTTP/1.1 200")
-        per_worker = {pid: _established(pid, port) for pid in pids}
+        per_worker = {pid: established_on(pid, port) for pid in pids}
     finally:
         for c in conns:
             c.close()
@@ -160,13 +160,6 @@ def _listening_inodes(pid: int, port: int) -> set[int]:
 
     return {_inode(pid, c.fd) for c in psutil.Process(pid).net_connections("tcp")
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
-
-
-def _established(pid: int, port: int) -> int:
-    import psutil
-
-    return sum(1 for c in psutil.Process(pid).net_connections("tcp")
-               if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
 
 
 def _inode(pid: int, fd: int) -> int:
