@@ -112,13 +112,16 @@ def test_max_queue_is_split_between_workers(two_workers, images) -> None:
 
 def test_killed_worker_is_replaced_while_the_other_answers(two_workers, images) -> None:
     before = counts(two_workers.url)
+    port = int(two_workers.url.rsplit(":", 1)[1])
     victim = worker_pids(two_workers)[0]
     os.kill(victim, signal.SIGKILL)
     send_all(two_workers.url, images)  # the survivor takes every new connection meanwhile
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         pids = worker_pids(two_workers)
-        if len(pids) == 2 and victim not in pids and httpx.get(two_workers.url + "/readyz", timeout=5).status_code == 200:
+        # /readyz may be answered by the survivor: the replacement serves once it listens on its own socket
+        if (len(pids) == 2 and victim not in pids and all(_listening_inodes(pid, port) for pid in pids)
+                and httpx.get(two_workers.url + "/readyz", timeout=5).status_code == 200):
             break
         time.sleep(0.5)
     else:
@@ -158,8 +161,11 @@ def test_each_worker_listens_on_its_own_socket_and_connections_spread(two_worker
 def _listening_inodes(pid: int, port: int) -> set[int]:
     import psutil
 
-    return {_inode(pid, c.fd) for c in psutil.Process(pid).net_connections("tcp")
-            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    try:
+        return {_inode(pid, c.fd) for c in psutil.Process(pid).net_connections("tcp")
+                if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    except (psutil.NoSuchProcess, OSError):  # a worker exiting, or a descriptor closed meanwhile
+        return set()
 
 
 def _inode(pid: int, fd: int) -> int:
