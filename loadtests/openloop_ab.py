@@ -12,14 +12,36 @@ after the other in the order given, each repeated ``--rounds`` times alternately
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from loadtests.ab import parse_variant
 from loadtests.openloop import ENGINES, HEADER, measure_capacity, run_steps, save_json, table
 from loadtests.soak import image_post
 from service import launcher
+
+
+def _cpus(text: str) -> set[int]:
+    return {int(c) for c in text.split(",")}
+
+
+@contextlib.contextmanager
+def pinned(server_cpus: set[int] | None) -> Iterator[None]:
+    """Run the block on ``server_cpus``; then keep this process (the generator) off them, so that a
+    generator needing a core of its own at 2x-4x a small model's capacity does not take the server's."""
+    if not server_cpus:
+        yield
+        return
+    every = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, server_cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, (every - server_cpus) or every)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="req/s the steps multiply for every variant (the same offered load); default: the "
                         "first variant's closed-loop capacity, measured once")
     p.add_argument("--engine", default="python", choices=ENGINES.names(), help="what sends the arrivals")
+    p.add_argument("--server-cpus", type=_cpus, help="pin each server to these CPUs (e.g. 1) and this client to the rest")
     p.add_argument("--json-dir", type=Path, help="one JSON per variant and round (loadtests.openloop_plot reads them)")
     args = p.parse_args(argv)
     ctype = "image/png" if args.image.suffix.lower() == ".png" else "image/jpeg"
@@ -50,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             server = launcher.service_server([args.bundle], launcher.free_port(), logs / f"{name}.{rnd}.log",
                                              {"PYTHONPATH": str(v.repo), **v.env})
             server.cwd = v.repo
-            server.start()
+            with pinned(args.server_cpus):  # the server inherits this process's CPUs at fork
+                server.start()
             try:
                 server.wait_ready(timeout_s=300)
                 load = Path("/proc/loadavg").read_text().split()[:3]

@@ -15,7 +15,9 @@
 # Each server is started with the harness's own start script and venv ($PEERS_HOME, made by the harness's
 # setup.sh) under setsid, on the port the harness gives it, waited for (a 2xx answer), measured
 # closed-loop at c=8 for its capacity, offered STEPS x capacity for SECONDS each, then stopped by its
-# process group. imgserve is served from this checkout with IMGSERVE_MODELS=$PEER_BUNDLE (or $BUNDLE).
+# process group. SERVER_CPUS and CLIENT_CPUS (taskset lists, e.g. 1 and 0) pin every server and the
+# generator to their own cores, so a generator that needs a core of its own at 2x-4x of a small
+# model's capacity does not take it from the server it measures. imgserve is served from this checkout with IMGSERVE_MODELS=$PEER_BUNDLE (or $BUNDLE).
 # The rows go to $OUT/openloop.md (the harness's results.md format: paste under its tables) and
 # one JSON per server; the load average is written with each row.
 set -euo pipefail
@@ -25,6 +27,9 @@ SLO_MS=${SLO_MS:-1000}; ENGINE=${ENGINE:-python}; SECONDS_PER_STEP=${SECONDS_PER
 OUT=${OUT:-$(mktemp -d /tmp/openloop-peers.XXXX)}; mkdir -p "$OUT"
 IMG=${IMG:?set IMG to the image every server gets}
 PY=${PY:-.venv/bin/python}
+# arrays, not a function: the server must be exec'ed so that $! is its process group
+PIN_SERVER=(); [ -n "${SERVER_CPUS:-}" ] && PIN_SERVER=(taskset -c "$SERVER_CPUS")
+PIN_CLIENT=(); [ -n "${CLIENT_CPUS:-}" ] && PIN_CLIENT=(taskset -c "$CLIENT_CPUS")
 
 # name -> "start script|port|path|multipart field"; the same table as the harness's peer_conf.
 declare -A CONF=(
@@ -49,16 +54,16 @@ for spec in "$@"; do  # imgserve+KEY=V+KEY2=V2: imgserve with those settings, la
   name=${spec%%+*}; settings=(); [[ $spec == *+* ]] && IFS='+' read -r -a settings <<< "${spec#*+}"
   if [ "$name" = imgserve ]; then
     port=$($PY -c 'from service.launcher import free_port; print(free_port())'); path=/classify; field=image
-    env "${settings[@]}" IMGSERVE_MODELS=${PEER_BUNDLE:-${BUNDLE:?set PEER_BUNDLE or BUNDLE}} BENTOML_DO_NOT_TRACK=true \
+    "${PIN_SERVER[@]}" env "${settings[@]}" IMGSERVE_MODELS=${PEER_BUNDLE:-${BUNDLE:?set PEER_BUNDLE or BUNDLE}} BENTOML_DO_NOT_TRACK=true \
       setsid .venv/bin/bentoml serve service.service:ImgServe --host 127.0.0.1 --port "$port" > "$OUT/$spec.log" 2>&1 &
   else
     IFS='|' read -r start port path field <<< "${CONF[$name]:?unknown server $name}"
     [ "$name" = bentoml_naive10k ] && export R18_MAX_LATENCY_MS=10000
-    setsid bash "$PEERS/$start" "$port" > "$OUT/$name.log" 2>&1 &
+    "${PIN_SERVER[@]}" setsid bash "$PEERS/$start" "$port" > "$OUT/$name.log" 2>&1 &
   fi
   pid=$!; url="http://127.0.0.1:$port$path"
   if wait_2xx "$url" "$field" "$pid"; then
-    timeout $(( SECONDS_PER_STEP * 6 + 120 )) "$PY" -m loadtests.openloop --url "$url" --image "$IMG" --field "$field" \
+    "${PIN_CLIENT[@]}" timeout $(( SECONDS_PER_STEP * 6 + 120 )) "$PY" -m loadtests.openloop --url "$url" --image "$IMG" --field "$field" \
       --name "$spec (load $(cut -d' ' -f1-3 /proc/loadavg))" --slo-ms "$SLO_MS" --seconds "$SECONDS_PER_STEP" \
       --steps "$STEPS" --engine "$ENGINE" --json "$OUT/$spec.json" --md "$OUT/openloop.md" || echo "$name: open loop failed" >&2
   else

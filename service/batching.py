@@ -43,8 +43,9 @@ RunFn = Callable[[np.ndarray], np.ndarray]
 ARRIVED: contextvars.ContextVar[float] = contextvars.ContextVar("imgserve_arrived")
 
 
-def mark_arrival() -> None:
-    ARRIVED.set(time.perf_counter())
+def mark_arrival(at: float | None = None) -> None:
+    """The current request arrived ``at`` (perf_counter; default now)."""
+    ARRIVED.set(time.perf_counter() if at is None else at)
 
 
 def waited_s() -> float:
@@ -132,8 +133,9 @@ class _Base:
             self.in_flight -= n
             self._finished(n)
 
-    def check(self, n: int = 1) -> None:
-        """Raise Overloaded when ``n`` more images cannot be served in time; admits and counts nothing.
+    def check(self, n: int = 1, waited: float | None = None) -> None:
+        """Raise Overloaded when ``n`` more images, ``waited`` seconds old (default: the current
+        request's time since arrival), cannot be served in time; admits and counts nothing.
 
         A request larger than the whole queue can never be served, however long it waits: that is
         the client's error (413), not a retry-later (503)."""
@@ -142,7 +144,7 @@ class _Base:
                           f"wait for model {self.model!r} (IMGSERVE_MAX_QUEUE, shared by the workers); send fewer "
                           f"per request", 413,
                           "over_max_queue")
-        wait = self.estimated_wait(n) + waited_s()
+        wait = self.estimated_wait(n) + (waited_s() if waited is None else waited)
         if self.in_flight + n > self.max_queue or wait > self.max_latency_s:
             raise Overloaded(f"overloaded: {self.in_flight} images (about {wait:.2f} s of work) are in flight for "
                              f"model {self.model!r}; retry later", _retry_after(max(wait - self.max_latency_s, 0.5)))

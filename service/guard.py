@@ -11,6 +11,7 @@ from service.batching import Overloaded, mark_arrival
 from service.errors import Refused as _Refused
 from service.io import TOO_LARGE_KEY
 
+ARRIVED_KEY = "imgserve.arrived"  # ASGI scope: when the request reached the kernel (service.door sets it)
 _BYTE_COUNT = re.compile(rb"[0-9]{1,18}")  # a Content-Length int() reads instantly
 
 
@@ -35,7 +36,7 @@ class GuardMiddleware:
             return await send({"type": "websocket.close", "code": 1008})  # policy violation, before accept
         if scope["type"] != "http" or access.is_public(scope["method"], scope["path"]):
             return await self.app(scope, receive, send)
-        mark_arrival()
+        mark_arrival(scope.get(ARRIVED_KEY))  # service.door: when the request reached the kernel
         traffic.HEADERS.set(scope["headers"])  # a traffic policy's sticky header (service/versions.py)
         headers = dict(scope["headers"])
         if not self._authorized(headers):
@@ -44,7 +45,7 @@ class GuardMiddleware:
         length = headers.get(b"content-length")
         if length is not None and (not _BYTE_COUNT.fullmatch(length) or int(length) > self.max_body):
             return await self._too_large(scope, receive, send)
-        shed = _shed_early(self.models) if self.models is not None and _inference(scope["path"]) else None
+        shed = shed_early(self.models) if self.models is not None and is_inference(scope["path"]) else None
         if shed is not None:
             # Every model is over its latency budget: refuse before BentoML parses the form, the
             # costliest part of a refusal. The body is drained first (it is within the size limit):
@@ -79,13 +80,14 @@ class GuardMiddleware:
                                413, "body_too_large"))(scope, receive, send)
 
 
-def _inference(path: str) -> bool:
+def is_inference(path: str) -> bool:
     """/classify* and OIP inference: the routes that early shedding refuses when every model is full."""
     return path.startswith("/classify") or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
 
-def _shed_early(served: Callable[[], Iterable[Any]]) -> Overloaded | None:
-    """The refusal when every served model would refuse one more image now, else None."""
+def shed_early(served: Callable[[], Iterable[Any]], waited: float | None = None) -> Overloaded | None:
+    """The refusal when every served model would refuse one more image now (that has waited ``waited``
+    seconds already; default: since the current request's arrival), else None."""
     try:
         models = served()
     except Exception:  # not started yet (or shutting down): let the request through
@@ -93,7 +95,7 @@ def _shed_early(served: Callable[[], Iterable[Any]]) -> Overloaded | None:
     refusal = None
     for m in models:
         try:
-            m.batcher.check(1)
+            m.batcher.check(1, waited=waited)
         except Overloaded as e:
             refusal = refusal or e
         else:

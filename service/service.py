@@ -24,8 +24,8 @@ from starlette.routing import Route
 import bentoml
 from imgformat.bundle import BundleError
 from imgformat.preprocess import ImageError, stack
-from service import (explain, metrics, metrics_labels, monitoring, oip, onewrite, repository, reuseport, rollout,
-                     timeouts)
+from service import (door, explain, metrics, metrics_labels, monitoring, oip, onewrite, repository, reuseport,
+                     rollout, timeouts)
 from service.answer import answer, current_service
 from service.config import Settings, load_settings
 from service.errors import Refused as _Refused
@@ -47,6 +47,7 @@ SETTINGS: Settings = load_settings()  # read at import: @bentoml.service(workers
 onewrite.install()  # each answer in one socket write: a killed replica sends all of it or nothing
 timeouts.install()  # the request timeout's timer goes with its request, not 60 s later
 reuseport.install(SETTINGS.workers)  # several workers: one SO_REUSEPORT socket each, so connections spread over them
+door.install(lambda: current_service().versions.every())  # a new connection's kernel wait counts; late ones refused cheaply
 metrics_labels.install()  # HTTP metrics by route template (no path a client invents adds series); request ids
 INLINE_DECODE_PIXELS = 128 * 128  # decode smaller images on the event loop: cheaper than a thread hand-off
 
@@ -91,6 +92,7 @@ class ImgServe:
         self.settings = SETTINGS
         logger.info("imgserve settings: %r", self.settings)
         logger.info("imgserve write path: %s", onewrite.WRITE_PATH)
+        logger.info("imgserve door: %s", door.ACTIVE)
         # One inference thread for every model: the backend's intra-op pool uses all cores, and two
         # concurrent runs would only fight over them.
         self.infer_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgserve-infer")
