@@ -15,7 +15,8 @@
 # Each server is started with the harness's own start script and venv ($PEERS_HOME, made by the harness's
 # setup.sh) under setsid, on the port the harness gives it, waited for (a 2xx answer), measured
 # closed-loop at c=8 for its capacity, offered STEPS x capacity for SECONDS each, then stopped by its
-# process group. SERVER_CPUS and CLIENT_CPUS (taskset lists, e.g. 1 and 0) pin every server and the
+# process group. CAPACITY (req/s) offers every server the same arrivals instead of multiples of its own
+# closed-loop capacity, so servers whose c=8 capacities differ meet the same offered load. SERVER_CPUS and CLIENT_CPUS (taskset lists, e.g. 1 and 0) pin every server and the
 # generator to their own cores, so a generator that needs a core of its own at 2x-4x of a small
 # model's capacity does not take it from the server it measures. imgserve is served from this checkout with IMGSERVE_MODELS=$PEER_BUNDLE (or $BUNDLE).
 # The rows go to $OUT/openloop.md (the harness's results.md format: paste under its tables) and
@@ -65,7 +66,7 @@ for spec in "$@"; do  # imgserve+KEY=V+KEY2=V2: imgserve with those settings, la
   if wait_2xx "$url" "$field" "$pid"; then
     "${PIN_CLIENT[@]}" timeout $(( SECONDS_PER_STEP * 6 + 120 )) "$PY" -m loadtests.openloop --url "$url" --image "$IMG" --field "$field" \
       --name "$spec (load $(cut -d' ' -f1-3 /proc/loadavg))" --slo-ms "$SLO_MS" --seconds "$SECONDS_PER_STEP" \
-      --steps "$STEPS" --engine "$ENGINE" --json "$OUT/$spec.json" --md "$OUT/openloop.md" || echo "$name: open loop failed" >&2
+      --steps "$STEPS" --engine "$ENGINE" ${CAPACITY:+--capacity "$CAPACITY"} --json "$OUT/$spec.json" --md "$OUT/openloop.md" || echo "$name: open loop failed" >&2
   else
     echo "$name: exited or no 2xx answer within 300 s (see $OUT/$name.log)" >&2
   fi
