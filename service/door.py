@@ -24,8 +24,9 @@ its last one). ``install()`` puts ``Door`` in front of uvicorn's httptools proto
   the wait (``ARRIVED_KEY`` in its ASGI scope, which the guard uses), so admission control counts
   the time spent before accept.
 
-Later requests on a kept-alive connection are judged by the guard as before: their wait is in the
-event loop, not in the kernel.
+The door refuses before the guard checks the API key: a refusal does no work, and its fixed answer
+says nothing about the key. Later requests on a kept-alive connection are judged by the guard as
+before: their wait is in the event loop, not in the kernel.
 """
 from __future__ import annotations
 
