@@ -15,10 +15,12 @@
 # Each server is started with the harness's own start script and venv ($PEERS_HOME, made by the harness's
 # setup.sh) under setsid, on the port the harness gives it, waited for (a 2xx answer), measured
 # closed-loop at c=8 for its capacity, offered STEPS x capacity for SECONDS each, then stopped by its
-# process group. CAPACITY (req/s) offers every server the same arrivals instead of multiples of its own
-# closed-loop capacity, so servers whose c=8 capacities differ meet the same offered load. SERVER_CPUS and CLIENT_CPUS (taskset lists, e.g. 1 and 0) pin every server and the
-# generator to their own cores, so a generator that needs a core of its own at 2x-4x of a small
-# model's capacity does not take it from the server it measures. imgserve is served from this checkout with IMGSERVE_MODELS=$PEER_BUNDLE (or $BUNDLE).
+# process group. imgserve is served from this checkout with IMGSERVE_MODELS=$PEER_BUNDLE (or $BUNDLE).
+# CAPACITY (req/s) offers every server the same arrivals instead of multiples of its own closed-loop
+# capacity, so servers whose c=8 capacities differ meet the same offered load. SERVER_CPUS and
+# CLIENT_CPUS (taskset lists, e.g. 1 and 0) pin every server and the generator to their own cores,
+# so a generator that needs a core of its own at 2x-4x of a small model's capacity does not take it
+# from the server it measures.
 # The rows go to $OUT/openloop.md (the harness's results.md format: paste under its tables) and
 # one JSON per server; the load average is written with each row.
 set -euo pipefail

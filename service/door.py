@@ -56,14 +56,14 @@ REFUSAL_MESSAGE = ("overloaded: this request waited to be accepted, and every mo
                    "(IMGSERVE_MAX_LATENCY_MS) would be spent before it is answered; retry later")
 DRAIN_LIMIT_S = 10.0  # a refused client that never closes is cut off after this long
 
-_refuse: Callable[[bytes, float], Optional[Overloaded]] = lambda first_bytes, waited: None  # set by install()
+_served: Optional[Callable[[], Iterable[Any]]] = None  # the served models, given to install()
 ACTIVE = "off (uvicorn's httptools protocol was not patched)"
 
 
 def install(served: Callable[[], Iterable[Any]]) -> str:
     """Put the door in front of uvicorn's httptools protocol (once); says what is active (the service
     logs it). ``served()`` gives the served models (each with a ``batcher``), as the guard takes them."""
-    global ACTIVE, _refuse
+    global ACTIVE, _served
     if not hasattr(socket, "TCP_INFO"):
         ACTIVE = "off (no TCP_INFO on this platform)"
         return ACTIVE
@@ -73,7 +73,7 @@ def install(served: Callable[[], Iterable[Any]]) -> str:
     except ImportError as e:
         ACTIVE = f"off (uvicorn's httptools protocol is not available: {e})"
         return ACTIVE
-    _refuse = _refusal_policy(served)
+    _served = served
     if not hasattr(uvicorn.config.Config.load, "__wrapped__"):
         uvicorn.config.Config.load = _door_in_front(uvicorn.config.Config.load, HttpToolsProtocol)
         HttpToolsProtocol.on_message_begin = _backdated(HttpToolsProtocol.on_message_begin)
@@ -110,12 +110,12 @@ def request_path(first_bytes: bytes) -> Optional[str]:
     return parts[1].decode("latin-1") if len(parts) == 3 else None
 
 
-def _refusal_policy(served: Callable[[], Iterable[Any]]) -> Callable[[bytes, float], Optional[Overloaded]]:
-    def refusal(first_bytes: bytes, waited: float) -> Optional[Overloaded]:
-        path = request_path(first_bytes)
-        return shed_early(served, waited * KERNEL_WAIT_WEIGHT) if path is not None and is_inference(path) else None
-
-    return refusal
+def refusal(first_bytes: bytes, waited: float) -> Optional[Overloaded]:
+    """The 503 for a new connection's first request, None when it goes in (not inference, or in time)."""
+    path = request_path(first_bytes)
+    if _served is None or path is None or not is_inference(path):
+        return None
+    return shed_early(_served, waited * KERNEL_WAIT_WEIGHT)
 
 
 class Door(asyncio.Protocol):
@@ -135,10 +135,10 @@ class Door(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         transport = self.transport
         waited = waited_in_kernel(transport.get_extra_info("socket"))
-        refusal = _refuse(data, waited)
-        if refusal is not None:
+        refused = refusal(data, waited)
+        if refused is not None:
             metrics.ERRORS.labels(kind="overloaded").inc()
-            return _refuse_connection(transport, data, refusal)
+            return _refuse_connection(transport, data, refused)
         protocol = self.http_protocol(**self.uvicorn_args)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)

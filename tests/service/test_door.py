@@ -92,7 +92,8 @@ def test_a_request_that_waited_past_the_budget_is_refused_and_health_still_answe
     assert "IMGSERVE_MAX_LATENCY_MS" in json.loads(answer)["error"]
     assert late.recv(1) == b"", "a refused connection is closed after its answer"
     assert read_answer(probe)[0] == 200, "health probes are never refused at the door"
-    late.close(), probe.close()
+    late.close()
+    probe.close()
     assert overloaded_count(server.url) == before + 1
     # the refusal leaves nothing behind: the next request is served
     r = httpx.post(server.url + "/classify", files={"image": ("d.png", png, "image/png")}, timeout=30)
@@ -139,7 +140,8 @@ def test_waited_in_kernel_is_the_time_since_the_request_arrived() -> None:
         client.sendall(b"more")
         conn.recv(100)
         assert door.waited_in_kernel(conn) < 0.1, "counted from the last data that arrived"
-        conn.close(), client.close()
+        conn.close()
+        client.close()
     finally:
         listener.close()
 
