@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from service.launcher import rss_mib
 from service.traffic import bucket
@@ -73,7 +74,9 @@ def srv(bundle, bundle_v2, policy_file, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("svc-rollout")
     env = {"IMGSERVE_MODELS": f"digits@v1={bundle},digits@v2={bundle_v2}", "IMGSERVE_TRAFFIC": str(policy_file),
            "IMGSERVE_MODEL_CONTROL": "explicit", "IMGSERVE_API_KEY": KEY,
-           "IMGSERVE_MODEL_ROOT": str(tmp_path_factory.getbasetemp())}
+           "IMGSERVE_MODEL_ROOT": str(tmp_path_factory.getbasetemp()),
+           # nothing here tests shedding: the drain test's slow request must not be shed on a busy machine
+           "IMGSERVE_MAX_LATENCY_MS": "10000"}
     s = start_grpc_service(env, tmp)  # gRPC on too: the same policy applies to both protocols
     yield s
     s.stop()
@@ -254,10 +257,20 @@ def test_shadow_agreement_equals_the_offline_agreement(http, bundle, bundle_v2, 
     assert _put(http, {"digits": {"weights": {"v1": 100, "v2": 0}}}).status_code == 200
 
 
+def _slow_decodes(http: httpx.Client) -> float:
+    """How many images the digits model took more than 25 ms to decode (the quick clients' 24x24
+    PNGs take well under 1 ms)."""
+    text = http.get("/metrics").text
+    return (_metric(text, "imgserve_preprocess_seconds_count", 'model="digits"')
+            - _metric(text, "imgserve_preprocess_seconds_bucket", 'le="0.025",model="digits"'))
+
+
 def test_an_unloaded_version_drains_before_it_goes(srv, http, bundle, images):
     """v3 loaded beside v1 and v2 through the repository API, then unloaded while 6 clients send it
     batches: every answer is v3's (200) or, once it is gone, a 404 naming the served versions;
-    requests in flight when the unload began finish on v3."""
+    requests in flight when the unload began finish on v3. One slow request (3 big PNGs, ~0.1 s
+    each to decode) is admitted for sure when the unload starts: the server has finished decoding
+    its first image. The quick clients alone could all be between requests at that moment."""
     assert _put(http, {"digits": {"weights": {"v1": 100, "v2": 0}}}).status_code == 200
     rss_before = rss_mib(srv.pids())
     r = http.post("/v2/repository/models/digits/load", json={"parameters": {"bundle": str(bundle), "version": "v3"}})
@@ -276,12 +289,30 @@ def test_an_unloaded_version_drains_before_it_goes(srv, http, bundle, images):
                 with lock:
                     answers.append((t0, time.monotonic(), r.status_code, r.json()))
 
+    big = png_bytes(Image.new("L", (5000, 5000), 128))  # 35 KB of file, 25 MP to decode
+    slow_files = [("images", (f"big{i}.png", big, "image/png")) for i in range(3)]
+    slow: list = []
+
+    def slow_client() -> None:
+        with httpx.Client(base_url=srv.url, headers=AUTH, timeout=60) as c:
+            t0 = time.monotonic()
+            r = c.post("/classify_batch", files=slow_files, data={"version": "v3"})
+            slow.append((t0, time.monotonic(), r.status_code, r.json()))
+
     threads = [threading.Thread(target=client) for _ in range(6)]
     for t in threads:
         t.start()
     time.sleep(1.0)
+    slow_decodes_before = _slow_decodes(http)
+    threads.append(threading.Thread(target=slow_client))
+    threads[-1].start()
+    deadline = time.monotonic() + 30
+    while _slow_decodes(http) == slow_decodes_before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _slow_decodes(http) > slow_decodes_before, "the slow request's first image was never decoded"
     t_unload = time.monotonic()
     r = http.post("/v2/repository/models/digits/unload", json={"parameters": {"version": "v3"}})
+    t_unloaded = time.monotonic()
     time.sleep(0.5)
     stop.set()
     for t in threads:
@@ -291,7 +322,12 @@ def test_an_unloaded_version_drains_before_it_goes(srv, http, bundle, images):
     assert all(a[3]["version"] == "v3" for a in answers if a[2] == 200)
     assert all("served versions: v1, v2" in a[3]["error"] for a in answers if a[2] == 404)
     # requests under way when the unload began: those admitted before it finish on v3
-    assert any(a[2] == 200 for a in answers if a[0] < t_unload < a[1]), [a[:3] for a in answers]
+    [(t0, t1, status, body)] = slow
+    assert status == 200 and body["version"] == "v3" and t0 < t_unload < t1, (status, body)
+    # the unload answers once it has drained: not before the slow request's answer was on its way
+    # (50 ms: the two client threads take the GIL in either order; undrained, it answers ~0.2 s early)
+    assert t_unloaded > t1 - 0.05, (t_unload, t_unloaded, t1)
+    assert len(body["results"]) == 3
     assert any(a[2] == 404 for a in answers)
     assert [m["version"] for m in http.get("/models").json()["models"]] == ["v1", "v2"]
 
