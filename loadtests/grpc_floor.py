@@ -150,7 +150,7 @@ def _pinned(cpus: str | None, cmd: list[str]) -> list[str]:
     return ["taskset", "-c", cpus, *cmd] if cpus else cmd
 
 
-def _wait_listening(port: int, proc: subprocess.Popen, timeout_s: float = 30) -> None:
+def wait_listening(port: int, proc: subprocess.Popen, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -185,7 +185,7 @@ def measure(kind: str, concs: list[int], duration_s: int, server_cpus: str | Non
                                                   "--port", str(port)]))
     rows = []
     try:
-        _wait_listening(port, proc)
+        wait_listening(port, proc)
         with tempfile.TemporaryDirectory() as tmp:
             body = Path(tmp) / "body"
             body.write_bytes(PIXELS.tobytes() if kind == "rest" else frame(request_message()))

@@ -22,7 +22,7 @@ def test_the_grpc_floor_answers_a_real_client_with_the_fixed_reply() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "loadtests.grpc_floor", "--serve", "grpc-aio",
                              "--port", str(port)])
     try:
-        grpc_floor._wait_listening(port, proc)
+        grpc_floor.wait_listening(port, proc)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
             reply = stub.ModelInfer(pb.ModelInferRequest.FromString(grpc_floor.request_message()), timeout=10)
