@@ -54,6 +54,38 @@ def logits_variant(bundle, out, op: str, value, version: str):
     return out
 
 
+def send_together(server, requests: list) -> list:
+    """Send ``requests`` (``httpx.Request``), each on its own connection, all written while the
+    server's processes are stopped, so they reach its event loop together whatever the machine's
+    load (sent from a thread pool they can trickle in one by one on a busy machine, and then no
+    batch forms: a CI failure). Their ``httpx.Response``s, in order."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    import httpx
+    import psutil
+
+    url = urlsplit(server.url)
+    conns = [http.client.HTTPConnection(url.hostname, url.port, timeout=60) for _ in requests]
+    for conn in conns:
+        conn.connect()
+    procs = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
+    for proc in procs:
+        proc.suspend()
+    try:
+        for conn, req in zip(conns, requests):
+            conn.request(req.method, req.url.raw_path.decode(), body=req.read(), headers=dict(req.headers))
+    finally:
+        for proc in procs:
+            proc.resume()
+    try:
+        answers = [conn.getresponse() for conn in conns]
+        return [httpx.Response(a.status, headers=a.getheaders(), content=a.read()) for a in answers]
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 # -- gRPC (tests/service/test_grpc*.py) ----------------------------------------------------------
 def start_grpc_service(env: dict[str, str], tmp):
     """A real ``bentoml serve`` with OIP over gRPC on a free port: the server, with ``grpc_url`` set."""

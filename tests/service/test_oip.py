@@ -17,7 +17,7 @@ import pytest
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from svc_factory import digit_uploads, png_bytes
+from svc_factory import digit_uploads, png_bytes, send_together
 
 N_IMAGES = 6
 
@@ -275,9 +275,9 @@ def test_admission_control_answers_503_with_retry_after(strict_server, files):
     """strict_server admits at most 4 images in flight: a burst of 4-image requests gets 503 +
     Retry-After for what does not fit and 200 for the rest; 5 images can never fit (413)."""
     key = {"Authorization": "Bearer s3cret-key"}
-    with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda _: _infer_json(strict_server.url, _bytes_doc(files[:4]), headers=key),
-                                range(32)))
+    doc = json.dumps(_bytes_doc(files[:4]))
+    answers = send_together(strict_server, [httpx.Request("POST", f"{strict_server.url}/v2/models/digits/infer",
+                                                          content=doc, headers=key) for _ in range(32)])
     refused = [r for r in answers if r.status_code == 503]
     assert {r.status_code for r in answers} <= {200, 503} and refused, [r.status_code for r in answers]
     assert all(int(r.headers["retry-after"]) >= 1 and "overloaded" in r.json()["error"] for r in refused)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from svc_factory import digit_uploads, png_bytes
+from svc_factory import digit_uploads, png_bytes, send_together
 
 N_IMAGES = 64
 
@@ -134,45 +134,14 @@ def test_no_torch_in_onnx_server(server) -> None:
 
 
 # -- concurrency -----------------------------------------------------------------------------------
-def send_together(server, path: str, requests: list[httpx.Request]) -> list[tuple[int, bytes]]:
-    """Each request on its own connection, all written while the server's processes are stopped, so
-    they reach its event loop together whatever the machine's load: sent from a thread pool they
-    can trickle in one by one on a busy machine, and then no batch forms (a CI failure)."""
-    import http.client
-    from urllib.parse import urlsplit
-
-    import psutil
-
-    url = urlsplit(server.url)
-    conns = [http.client.HTTPConnection(url.hostname, url.port, timeout=60) for _ in requests]
-    for conn in conns:
-        conn.connect()
-    procs = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
-    for proc in procs:
-        proc.suspend()
-    try:
-        for conn, req in zip(conns, requests):
-            conn.request("POST", path, body=req.read(), headers=dict(req.headers))
-    finally:
-        for proc in procs:
-            proc.resume()
-    try:
-        return [(r.status, r.read()) for r in (conn.getresponse() for conn in conns)]
-    finally:
-        for conn in conns:
-            conn.close()
-
-
 def test_concurrent_requests_get_their_own_answer(server, uploads, reference) -> None:
-    import json
-
     before = httpx.get(server.url + "/metrics", timeout=10).text
     reqs = [httpx.Request("POST", server.url + "/classify", files={"image": ("x.png", b, "image/png")},
                           data={"top_k": "10"}) for b in uploads[0]]
-    rs = send_together(server, "/classify", reqs)
-    for i, (status, body) in enumerate(rs):
-        assert status == 200, (i, body)
-        assert np.abs(probs_of(json.loads(body), 10) - reference[i]).max() <= 1e-4, f"request {i} got another image's answer"
+    rs = send_together(server, reqs)
+    for i, r in enumerate(rs):
+        assert r.status_code == 200, (i, r.text)
+        assert np.abs(probs_of(r.json(), 10) - reference[i]).max() <= 1e-4, f"request {i} got another image's answer"
     after = httpx.get(server.url + "/metrics", timeout=10).text
     name, lab = "imgserve_batch_size_", 'model="digits"'
     batches = metric_value(after, name + "count", lab) - metric_value(before, name + "count", lab)
@@ -266,12 +235,11 @@ def test_overload_is_503_with_retry_after(strict_server, uploads, reference) -> 
     503 + Retry-After at the door, the accepted ones are answered right, and service recovers at once."""
     url, auth = strict_server.url, {"Authorization": "Bearer s3cret-key"}
 
-    def post(i: int) -> httpx.Response:
+    def request(i: int) -> httpx.Request:
         files = [("images", (f"{j}.png", uploads[0][j], "image/png")) for j in range(i, i + 4)]
-        return httpx.post(url + "/classify_batch", files=files, data={"top_k": "10"}, headers=auth, timeout=30)
+        return httpx.Request("POST", url + "/classify_batch", files=files, data={"top_k": "10"}, headers=auth)
 
-    with ThreadPoolExecutor(32) as pool:
-        rs = list(pool.map(post, range(32)))
+    rs = send_together(strict_server, [request(i) for i in range(32)])
     codes = [r.status_code for r in rs]
     assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
     for i, r in enumerate(rs):
@@ -281,4 +249,5 @@ def test_overload_is_503_with_retry_after(strict_server, uploads, reference) -> 
         for j, res in enumerate(r.json()["results"]):
             assert np.abs(probs_of(res, 10) - reference[i + j]).max() <= 1e-4, f"accepted request {i} answered wrong"
     assert httpx.get(url + "/readyz", timeout=10).status_code == 200
-    assert post(0).status_code == 200, "did not recover after the burst"
+    with httpx.Client(timeout=30) as client:
+        assert client.send(request(0)).status_code == 200, "did not recover after the burst"
