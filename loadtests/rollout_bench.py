@@ -192,8 +192,11 @@ def shadow_counts(servers: list[str]) -> dict[str, float]:
 
     out = dict.fromkeys(SHADOW_SERIES, 0.0)
     for s in servers:
-        with urllib.request.urlopen(s + "/metrics", timeout=30) as r:
-            text = r.read().decode()
+        try:
+            with urllib.request.urlopen(s + "/metrics", timeout=30) as r:
+                text = r.read().decode()
+        except OSError as e:
+            raise RuntimeError(f"{s}/metrics did not answer: {e}") from e
         for fam in text_string_to_metric_families(text):
             for sample in fam.samples:
                 kind = sample.name.removeprefix("imgserve_shadow_").removesuffix("_total")

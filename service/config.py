@@ -59,6 +59,7 @@ class Settings:
     drift_window: int = 2000  # the drift window's most predictions
     drift_window_s: int = 600  # ... and their greatest age
     drift_min_samples: int = 200  # no score from a window with fewer
+    stall_dump_s: int = 10  # an event loop stalled this long gets its threads' stacks logged; 0: off
 
     def __repr__(self) -> str:  # never print the key
         return (f"Settings(models={self.models}, backend={self.backend}, precision={self.precision}, "
@@ -151,6 +152,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         drift_window=_int(env, "IMGSERVE_DRIFT_WINDOW", 2000),
         drift_window_s=_int(env, "IMGSERVE_DRIFT_WINDOW_S", 600),
         drift_min_samples=_int(env, "IMGSERVE_DRIFT_MIN_SAMPLES", 200),
+        stall_dump_s=_int(env, "IMGSERVE_STALL_DUMP_S", 10, lo=0),
     )
 
 

@@ -24,8 +24,8 @@ from starlette.routing import Route
 import bentoml
 from imgformat.bundle import BundleError
 from imgformat.preprocess import ImageError, stack
-from service import (door, explain, metrics, metrics_labels, monitoring, oip, onewrite, repository, reuseport,
-                     rollout, timeouts)
+from service import (door, explain, metrics, metrics_labels, monitoring, oip, onewrite, repository, reuseport, rollout,
+                     stall, timeouts)
 from service.answer import answer, current_service
 from service.config import Settings, load_settings
 from service.errors import Refused as _Refused
@@ -130,6 +130,11 @@ class ImgServe:
     async def watch_drift(self) -> None:
         """Flush live statistics and rescore drift in the background (service/monitoring.py)."""
         self._monitoring = monitoring.start(self.versions.every)
+
+    @bentoml.on_startup
+    async def watch_stalls(self) -> None:
+        """Dump every thread's stack to the log when this worker's event loop stalls (service/stall.py)."""
+        self._stall_watch = stall.watch(self.settings.stall_dump_s)
 
     @bentoml.on_shutdown
     async def stop_grpc(self) -> None:

@@ -30,7 +30,12 @@ def versions(trained_digits_run, tmp_path_factory) -> dict[str, Path]:
 def test_rollout_under_load_in_one_process_and_two_replicas(versions, tmp_path) -> None:
     args = argparse.Namespace(replicas=2, runner="process", image="", clients=8, requests=REQUESTS,
                               exact_requests=200, tolerance_pp=TOLERANCE_PP, out=tmp_path)
-    results = rb.run(versions, ["process", "replicas"], args)
+    try:
+        results = rb.run(versions, ["process", "replicas"], args)
+    except Exception:  # the servers' logs say why (a stalled worker dumps its stacks there: service/stall.py)
+        for log in sorted(tmp_path.glob("**/*.log")):
+            print(f"== {log}\n{log.read_text(errors='replace')[-8000:]}")
+        raise
     print("\n" + rb.table(results))
     saved = json.loads((tmp_path / "rollout.json").read_text())
     assert [r["target"] for r in saved["results"]] == ["1 process", "2 replicas (process) + HAProxy"]
