@@ -21,6 +21,10 @@
 # CLIENT_CPUS (taskset lists, e.g. 1 and 0) pin every server and the generator to their own cores,
 # so a generator that needs a core of its own at 2x-4x of a small model's capacity does not take it
 # from the server it measures.
+# imgserve-haproxy is imgserve behind HAProxy (python -m deploy.replicas up -n 1 --runner process) with
+# HAPROXY_MAXCONN requests in flight at the replica (default 8) and HAPROXY_QUEUE_MS in HAProxy's queue
+# before its 503 (default 20), and HAPROXY_REUSE (default always: the replica keeps its connections
+# from HAProxy instead of a new one per request): HAProxy answers the excess in C (docs/performance.md, "Overload").
 # The rows go to $OUT/openloop.md (the harness's results.md format: paste under its tables) and
 # one JSON per server; the load average is written with each row.
 set -euo pipefail
@@ -55,7 +59,15 @@ stop_group() { kill -TERM -- "-$1" 2>/dev/null || true; sleep 5; kill -KILL -- "
 
 for spec in "$@"; do  # imgserve+KEY=V+KEY2=V2: imgserve with those settings, labelled so
   name=${spec%%+*}; settings=(); [[ $spec == *+* ]] && IFS='+' read -r -a settings <<< "${spec#*+}"
-  if [ "$name" = imgserve ]; then
+  if [ "$name" = imgserve-haproxy ]; then
+    port=$($PY -c 'from service.launcher import free_port; print(free_port())'); path=/classify; field=image
+    work=$(mktemp -d /tmp/openloop-replicas.XXXX)  # short: HAProxy's admin socket path has a 108-byte limit
+    envargs=(); for kv in "${settings[@]}"; do envargs+=(-e "$kv"); done
+    "${PIN_SERVER[@]}" $PY -m deploy.replicas --workdir "$work" up -n 1 --runner process --port "$port" \
+      --bundle "${PEER_BUNDLE:-${BUNDLE:?set PEER_BUNDLE or BUNDLE}}" --server-maxconn "${HAPROXY_MAXCONN:-8}" \
+      --queue-timeout-ms "${HAPROXY_QUEUE_MS:-20}" --http-reuse "${HAPROXY_REUSE:-always}" "${envargs[@]}" > "$OUT/$spec.log" 2>&1 || { echo "$spec: did not start (see $OUT/$spec.log)" >&2; continue; }
+    setsid sleep infinity & pid=$!  # stands for the group while it serves; the replicas and HAProxy are stopped by `down`
+  elif [ "$name" = imgserve ]; then
     port=$($PY -c 'from service.launcher import free_port; print(free_port())'); path=/classify; field=image
     "${PIN_SERVER[@]}" env "${settings[@]}" IMGSERVE_MODELS=${PEER_BUNDLE:-${BUNDLE:?set PEER_BUNDLE or BUNDLE}} BENTOML_DO_NOT_TRACK=true \
       setsid .venv/bin/bentoml serve service.service:ImgServe --host 127.0.0.1 --port "$port" > "$OUT/$spec.log" 2>&1 &
@@ -73,5 +85,6 @@ for spec in "$@"; do  # imgserve+KEY=V+KEY2=V2: imgserve with those settings, la
     echo "$name: exited or no 2xx answer within 300 s (see $OUT/$name.log)" >&2
   fi
   stop_group "$pid"; unset R18_MAX_LATENCY_MS
+  [ "$name" = imgserve-haproxy ] && $PY -m deploy.replicas --workdir "$work" down >> "$OUT/$spec.log" 2>&1
 done
 echo "rows: $OUT/openloop.md (engine $ENGINE, commit $(git rev-parse --short HEAD), $(date -u +%FT%TZ))"

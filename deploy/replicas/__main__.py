@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from deploy.replicas.cluster import Cluster
+from deploy.replicas.haproxy import Settings
 from deploy.replicas.runners import RUNNERS
 
 DEFAULT_IMAGE = os.environ.get("IMGSERVE_IMAGE", "localhost/imgserve:cpu")  # what `make image` builds
@@ -55,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--grpc-port", type=int, default=None,
                     help="also balance OIP over gRPC (h2c) on this 127.0.0.1 port (0: any free port; default: no gRPC)")
     up.add_argument("-e", dest="env", action="append", default=[], help="IMGSERVE_NAME=VALUE for every replica")
+    up.add_argument("--server-maxconn", type=int, default=0,
+                    help="requests in flight per replica; more wait in HAProxy's queue (default 0: no limit)")
+    up.add_argument("--queue-timeout-ms", type=int, default=5000,
+                    help="a queued request's longest wait in HAProxy before its 503 (default 5000)")
+    up.add_argument("--http-reuse", default="safe", choices=("safe", "always", "never"),
+                    help="HAProxy's http-reuse toward the replicas (default safe; always: also a client connection's first request)")
     up.add_argument("--share", action="append", default=[], type=Path,
                     help="a host folder every replica reads at the same path, read-only (bundles, the traffic policy's folder)")
     roll = sub.add_parser("roll", help="replace every replica, one at a time, with one serving --bundle")
@@ -72,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{args.bundle} is not a bundle (no manifest.json); make one with: python -m export CHECKPOINT --out DIR")
         c = Cluster(args.workdir, runner=args.runner, image=args.image, shared=[str(d.resolve()) for d in args.share])
         try:
-            c.up(args.n, _threads(args.n, _env(args.env)), args.bundle, args.port, grpc_port=args.grpc_port)
+            c.up(args.n, _threads(args.n, _env(args.env)), args.bundle, args.port, grpc_port=args.grpc_port,
+                 settings=Settings(server_maxconn=args.server_maxconn, queue_timeout_ms=args.queue_timeout_ms,
+                                   http_reuse=args.http_reuse))
         except BaseException:
             c.down()
             raise

@@ -42,7 +42,9 @@ defaults
     timeout client {timeout_s}s
     timeout server {timeout_s}s
     timeout http-request 10s
-    timeout queue 5s
+    # How long a request may wait in HAProxy's queue for a free replica connection (server_maxconn)
+    # before HAProxy answers 503 itself (with Retry-After: 1, added in the frontend).
+    timeout queue {queue_timeout_ms}ms
     # Receive the whole body before choosing a replica: slow uploads tie up HAProxy, not a replica,
     # and the buffered request can be replayed on another replica.
     option http-buffer-request
@@ -55,6 +57,7 @@ defaults
 
 frontend imgserve
     bind {bind}
+    http-after-response set-header Retry-After 1 if {{ status 503 }} !{{ res.hdr(Retry-After) -m found }}
     default_backend {backend}
 {backend_section}
 {grpc}"""
@@ -66,9 +69,10 @@ frontend imgserve
 BACKEND_SECTION = """
 backend {backend}
     balance leastconn
+    http-reuse {http_reuse}
     option httpchk GET /readyz
     http-check expect status 200
-    default-server check inter {inter_ms} fastinter {fast_ms} downinter {inter_ms} rise {rise} fall {fall} observe layer4 error-limit 1 on-error mark-down
+    default-server check inter {inter_ms} fastinter {fast_ms} downinter {inter_ms} rise {rise} fall {fall} observe layer4 error-limit 1 on-error mark-down{server_maxconn_setting}
 {servers}"""
 
 # gRPC (OIP over HTTP/2 cleartext, "h2c") end to end: the frontend speaks HTTP/2 with prior
@@ -94,6 +98,16 @@ class Settings:
     rise: int = 2
     fall: int = 2
     grpc_bind: str = ""  # "127.0.0.1:PORT": also balance the replicas' gRPC ports there; "": no gRPC
+    # Requests in flight per replica; the rest wait in HAProxy's queue for queue_timeout_ms, then 503.
+    # 0: no limit (the replicas' own admission control sheds). docs/performance.md ("Overload"): with
+    # a fresh connection per request, a limit keeps the tail short where refusals in Python cost CPU.
+    server_maxconn: int = 0
+    queue_timeout_ms: int = 5000
+    # "always": a request may go over any idle connection to a replica, the first of a client's
+    # connection too, so a replica is spared a new connection per request when clients open one each;
+    # "safe" (HAProxy's default) reuses only for a client connection's later requests. A connection
+    # the replica closed meanwhile is retried (retry-on conn-failure empty-response).
+    http_reuse: str = "safe"
 
 
 def render(settings: Settings, socket_path: Path, slots: list[str | None], grpc_ports: list[int] | None = None) -> str:
@@ -114,7 +128,8 @@ def render(settings: Settings, socket_path: Path, slots: list[str | None], grpc_
 
 
 def _backend(name: str, servers: str, settings: "Settings") -> str:
-    return BACKEND_SECTION.format(backend=name, servers=servers, **vars(settings))
+    limit = f" maxconn {settings.server_maxconn}" if settings.server_maxconn else ""
+    return BACKEND_SECTION.format(backend=name, servers=servers, server_maxconn_setting=limit, **vars(settings))
 
 
 class HAProxyError(RuntimeError):
